@@ -1,0 +1,1 @@
+//! The end-to-end harness. Filled in by the local control plane issue.

@@ -1,0 +1,1 @@
+//! The appset controllers. Filled in by the config-rollout and AppSet issues.

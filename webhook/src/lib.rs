@@ -1,0 +1,1 @@
+//! The appset injection webhook. Filled in by the injection webhook issue.
