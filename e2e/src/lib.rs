@@ -1,1 +1,17 @@
-//! The end-to-end harness. Filled in by the local control plane issue.
+//! The end-to-end harness: connects to the cluster in `KUBECONFIG` (the local control plane that
+//! `e2e/run.sh` brings up when none is given), gives every test its own namespace, and waits for
+//! conditions with a deadline, reporting what it last saw when the deadline passes.
+//!
+//! ```ignore
+//! let ns = TestNamespace::new("rollout").await?;          // namespace rollout-<random>
+//! let pods: Api<Pod> = ns.api();
+//! let ready = wait_for("3 ready pods", Duration::from_secs(60), || async {
+//!     let n = pods.list(&Default::default()).await?.items.len();
+//!     Ok(if n == 3 { Ok(n) } else { Err(format!("{n} pods")) })
+//! }).await?;
+//! ns.cleanup().await;
+//! ```
+
+pub mod harness;
+
+pub use harness::{TestNamespace, client, repo_root, wait_for};
