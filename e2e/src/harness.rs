@@ -117,13 +117,12 @@ where
     Fut: Future<Output = Result<std::result::Result<T, String>>>,
 {
     let start = Instant::now();
-    let mut last = String::from("nothing yet");
     loop {
-        match probe().await {
+        let last = match probe().await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(seen)) => last = seen,
-            Err(err) => last = format!("error: {err:#}"),
-        }
+            Ok(Err(seen)) => seen,
+            Err(err) => format!("error: {err:#}"),
+        };
         if start.elapsed() >= deadline {
             bail!("timed out after {:?} waiting for {what}; last saw: {last}", start.elapsed());
         }
