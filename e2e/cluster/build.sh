@@ -14,6 +14,9 @@ source "$here/versions.env"
 cache="${APPSET_CACHE:-$HOME/.cache/appset}"
 bin="$cache/bin"
 mkdir -p "$bin" "$cache/build"
+# One build at a time per cache: a second caller waits and then finds the binaries built.
+exec 9>"$cache/.build.lock"
+flock 9
 export GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
 
 log() { echo "[build] $*" >&2; }
