@@ -1,0 +1,312 @@
+//! AdmissionReview in, AdmissionReview out: the pure core of the request path.
+//!
+//! [`parse`] reads a request body. Anything that is not an `AdmissionReview` with a
+//! `request.uid` is a [`BadRequest`] (the server answers 400). [`decide`] turns a parsed request,
+//! the PodInjections of its namespace and what the namespace label cache knows into a
+//! [`Decision`], and [`Decision::response`] encodes the `admission.k8s.io/v1` response.
+//!
+//! The wire format is written here rather than borrowed, because its details are what the API
+//! server checks: `patch` is the JSON Patch **base64-encoded** as a JSON string (Go's encoding of
+//! `[]byte`), `patchType` is `JSONPatch` and is present only with a patch, and `uid` is echoed.
+//! Denials carry `status.code` 403 and a message that names both sides of every conflict.
+//!
+//! Requests that are not a Pod CREATE, pods in a namespace the cache knows is not opted in, and
+//! pods annotated `appset.dev/inject: disabled` are allowed unchanged.
+
+use std::collections::BTreeMap;
+
+use appset_crds::PodInjection;
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::matching;
+use crate::patch::AddOp;
+use crate::plan::{self, Candidate, Plan};
+
+/// The API version of the reviews the webhook answers.
+pub const API_VERSION: &str = "admission.k8s.io/v1";
+
+/// A body that is not an AdmissionReview request: answered with HTTP 400 and this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad AdmissionReview: {0}")]
+pub struct BadRequest(pub String);
+
+/// The parts of an admission request the webhook reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Echoed in the response.
+    pub uid: String,
+    /// The API version the review came in (echoed; `admission.k8s.io/v1` when absent).
+    pub api_version: String,
+    /// Whether this is a CREATE of a core/v1 Pod (and not of a subresource).
+    pub is_pod_create: bool,
+    /// The namespace of the object.
+    pub namespace: String,
+    /// The object's name, or its `generateName` prefix, for messages.
+    pub name: String,
+    /// The object, when present.
+    pub object: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn {
+    api_version: Option<String>,
+    kind: Option<String>,
+    request: Option<RequestIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn {
+    uid: String,
+    kind: Option<Gvk>,
+    sub_resource: Option<String>,
+    operation: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+    object: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Gvk {
+    group: Option<String>,
+    version: Option<String>,
+    kind: Option<String>,
+}
+
+/// Parses a request body.
+pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
+    let review: ReviewIn = serde_json::from_slice(body)
+        .map_err(|e| BadRequest(format!("not JSON of the expected shape: {e}")))?;
+    if let Some(kind) = &review.kind
+        && kind != "AdmissionReview"
+    {
+        return Err(BadRequest(format!("kind is {kind:?}, not AdmissionReview")));
+    }
+    let req = review
+        .request
+        .ok_or_else(|| BadRequest("no request in the AdmissionReview".into()))?;
+    if req.uid.is_empty() {
+        return Err(BadRequest("request.uid is empty".into()));
+    }
+    let is_pod = req.kind.as_ref().is_some_and(|k| {
+        k.group.as_deref().unwrap_or_default().is_empty()
+            && k.version.as_deref() == Some("v1")
+            && k.kind.as_deref() == Some("Pod")
+    });
+    let is_pod_create = is_pod
+        && req.sub_resource.as_deref().unwrap_or_default().is_empty()
+        && req.operation.as_deref() == Some("CREATE");
+    Ok(Request {
+        uid: req.uid,
+        api_version: review
+            .api_version
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| API_VERSION.to_string()),
+        is_pod_create,
+        namespace: req.namespace.unwrap_or_default(),
+        name: req.name.unwrap_or_default(),
+        object: req.object,
+    })
+}
+
+/// Why a pod was allowed unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Not a Pod CREATE.
+    NotPodCreate,
+    /// The namespace label cache says the namespace is not opted in.
+    NamespaceNotEnabled,
+    /// The pod carries `appset.dev/inject: disabled`.
+    OptedOut,
+    /// No PodInjection matched, or all that match are already applied.
+    NothingToDo,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Allowed unchanged.
+    Allow {
+        /// Echoed uid.
+        uid: String,
+        /// Why nothing was injected.
+        skip: Skip,
+    },
+    /// Allowed with a patch.
+    Inject {
+        /// Echoed uid.
+        uid: String,
+        /// The JSON Patch.
+        ops: Vec<AddOp>,
+        /// The PodInjections applied, `(name, generation)`.
+        applied: Vec<(String, i64)>,
+        /// Warnings for the client.
+        warnings: Vec<String>,
+    },
+    /// Denied because of a conflict.
+    Deny {
+        /// Echoed uid.
+        uid: String,
+        /// The message for the client.
+        message: String,
+    },
+    /// Denied because the object is not a readable Pod.
+    Invalid {
+        /// Echoed uid.
+        uid: String,
+        /// What could not be read.
+        message: String,
+    },
+}
+
+/// Decides a parsed request. `injections` are the PodInjections held in memory (any namespace:
+/// they are filtered here); `namespace_labels` are the namespace's labels when the cache knows
+/// them.
+pub fn decide<'a, I>(
+    req: &Request,
+    injections: I,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Decision
+where
+    I: IntoIterator<Item = &'a PodInjection>,
+{
+    let uid = req.uid.clone();
+    let allow = |skip| Decision::Allow {
+        uid: uid.clone(),
+        skip,
+    };
+    if !req.is_pod_create {
+        return allow(Skip::NotPodCreate);
+    }
+    if namespace_labels.is_some_and(|l| !matching::namespace_enabled(l)) {
+        return allow(Skip::NamespaceNotEnabled);
+    }
+    let Some(object) = &req.object else {
+        return Decision::Invalid {
+            uid,
+            message: "the request has no object".into(),
+        };
+    };
+    let pod: Pod = match serde_json::from_value(object.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            return Decision::Invalid {
+                uid,
+                message: format!("the object is not a readable Pod: {e}"),
+            };
+        }
+    };
+    if pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(matching::pod_opted_out)
+    {
+        return allow(Skip::OptedOut);
+    }
+    let namespace = if req.namespace.is_empty() {
+        pod.metadata.namespace.clone().unwrap_or_default()
+    } else {
+        req.namespace.clone()
+    };
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let matched = matching::matching(&namespace, &labels, injections);
+    let candidates: Vec<Candidate<'_>> = matched.into_iter().map(Candidate::of).collect();
+    match plan::plan(&pod, &candidates) {
+        Plan::Unchanged => allow(Skip::NothingToDo),
+        Plan::Patch {
+            ops,
+            applied,
+            warnings,
+        } => Decision::Inject {
+            uid,
+            ops,
+            applied,
+            warnings,
+        },
+        Plan::Deny { message } => {
+            let who = if req.name.is_empty() {
+                pod.metadata
+                    .generate_name
+                    .clone()
+                    .map(|g| format!("{g}*"))
+                    .unwrap_or_else(|| "pod".into())
+            } else {
+                req.name.clone()
+            };
+            Decision::Deny {
+                uid,
+                message: format!("pod {namespace}/{who}: {message}"),
+            }
+        }
+    }
+}
+
+impl Decision {
+    /// The AdmissionReview response body for this decision.
+    pub fn response(&self, api_version: &str) -> Value {
+        let response = match self {
+            Decision::Allow { uid, .. } => json!({ "uid": uid, "allowed": true }),
+            Decision::Inject {
+                uid,
+                ops,
+                applied,
+                warnings,
+            } => {
+                let patch = serde_json::to_vec(ops).unwrap_or_default();
+                let mut r = json!({
+                    "uid": uid,
+                    "allowed": true,
+                    "patchType": "JSONPatch",
+                    "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+                    "auditAnnotations": { "injected": plan::format_injected(applied) },
+                });
+                if !warnings.is_empty() {
+                    r["warnings"] = json!(warnings);
+                }
+                r
+            }
+            Decision::Deny { uid, message } => json!({
+                "uid": uid,
+                "allowed": false,
+                "status": { "code": 403, "reason": "Forbidden", "message": message },
+            }),
+            Decision::Invalid { uid, message } => json!({
+                "uid": uid,
+                "allowed": false,
+                "status": { "code": 400, "reason": "BadRequest", "message": message },
+            }),
+        };
+        json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response })
+    }
+}
+
+/// Parses, decides and encodes in one step; `lookup` gives the PodInjections and the namespace
+/// labels (when known) for a namespace. Returns the response body or a [`BadRequest`].
+pub fn respond<F>(body: &[u8], lookup: F) -> Result<(Decision, Vec<u8>), BadRequest>
+where
+    F: FnOnce(
+        &str,
+    ) -> (
+        Vec<std::sync::Arc<PodInjection>>,
+        Option<BTreeMap<String, String>>,
+    ),
+{
+    let req = parse(body)?;
+    let (injections, ns_labels) = if req.is_pod_create {
+        lookup(&req.namespace)
+    } else {
+        (Vec::new(), None)
+    };
+    let decision = decide(&req, injections.iter().map(|p| &**p), ns_labels.as_ref());
+    let bytes = serde_json::to_vec(&decision.response(&req.api_version))
+        .map_err(|e| BadRequest(format!("cannot encode the response: {e}")))?;
+    Ok((decision, bytes))
+}
+
+#[cfg(test)]
+mod tests;
