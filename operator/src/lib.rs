@@ -1,1 +1,3 @@
 //! The appset controllers. Filled in by the config-rollout and AppSet issues.
+
+pub mod appset;

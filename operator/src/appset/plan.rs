@@ -1,0 +1,613 @@
+//! The pod and claim planner: the heart of the AppSet controller, written sans-IO.
+//!
+//! Data flow: the controller lists what exists (the AppSet's pods and claims, reduced to
+//! [`PodInfo`] and [`ClaimInfo`]), resolves the current and update revisions, and calls
+//! [`plan`] with a [`PlanInput`]. The planner returns a [`Plan`]: the claim owner-reference
+//! updates, the claims and pods to create and the pods to delete, plus what it is waiting for.
+//! The controller executes the plan in that order (owners, claims, deletions, creations) and
+//! stops at the first error, so a pod is never created before its claims, and a scaled-away pod
+//! is never deleted before its claims point at it when `whenScaled: Delete` asks for that.
+//!
+//! Semantics follow the StatefulSet controller (`pkg/controller/statefulset`):
+//!
+//! * Replica slots are the ordinals `start .. start + replicas`; pods outside are condemned.
+//! * Failed and Succeeded pods in a slot are deleted and recreated.
+//! * A pod that is being deleted is waited for, never duplicated (its name is still taken).
+//! * `OrderedReady` creates the lowest missing pod and waits for every lower pod to be Running,
+//!   Ready and available (`minReadySeconds`) first; it scales down the highest condemned pod,
+//!   one at a time, and only when every replica is healthy. `Parallel` creates and deletes
+//!   without waiting; the executor bounds how many requests it sends at once.
+//! * `RollingUpdate` replaces pods whose index (ordinal minus `ordinals.start`) is at or above
+//!   `partition`, highest first, keeping at most `maxUnavailable` replicas unavailable (missing,
+//!   terminating or not available count). New pods below the partition get the current
+//!   revision, all others the update revision. `OnDelete` never deletes for an update.
+//! * Claim ownership mirrors StatefulSet's retention policy: a claim is owned by the AppSet when
+//!   `whenDeleted: Delete` and its pod is not condemned; by its pod when `whenScaled: Delete`
+//!   and the pod is condemned; otherwise by nobody. The garbage collector does the deleting.
+//!
+//! Where AppSet deliberately differs (kubernetes#67250): a pod of an old revision that will be
+//! updated anyway and is not Ready is replaced immediately, whatever the policy and the
+//! `maxUnavailable` budget, because it is unavailable already and waiting for it would stall the
+//! rollout forever (the classic "broken image, then fixed image" trap).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use appset_crds::appset::{
+    PersistentVolumeClaimRetentionPolicy, PodManagementPolicy, RetentionPolicyType,
+    UpdateStrategyType,
+};
+
+/// The phase of a pod, as far as the planner cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodPhase {
+    /// Accepted, not yet running (or phase missing).
+    Pending,
+    /// Bound to a node with its containers started.
+    Running,
+    /// All containers terminated successfully; the pod will not restart.
+    Succeeded,
+    /// All containers terminated, at least one in failure.
+    Failed,
+    /// The state could not be obtained.
+    Unknown,
+}
+
+impl PodPhase {
+    /// Parses `status.phase`; anything unknown or absent is `Pending` or `Unknown`.
+    pub fn parse(phase: Option<&str>) -> Self {
+        match phase {
+            Some("Running") => Self::Running,
+            Some("Succeeded") => Self::Succeeded,
+            Some("Failed") => Self::Failed,
+            Some("Unknown") => Self::Unknown,
+            _ => Self::Pending,
+        }
+    }
+}
+
+/// What the planner needs to know about one pod the AppSet owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodInfo {
+    /// `metadata.name` (`<set>-<ordinal>`).
+    pub name: String,
+    /// `metadata.uid`, used for claim owner references and delete preconditions.
+    pub uid: String,
+    /// The ordinal parsed from the name.
+    pub ordinal: i32,
+    /// The `controller-revision-hash` label, if any.
+    pub revision: Option<String>,
+    /// `status.phase`.
+    pub phase: PodPhase,
+    /// Whether the `Ready` condition is True.
+    pub ready: bool,
+    /// When the `Ready` condition last changed (Unix seconds), if known.
+    pub ready_since: Option<i64>,
+    /// Whether `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+}
+
+impl PodInfo {
+    /// Running and Ready, and not being deleted.
+    pub fn is_healthy(&self) -> bool {
+        !self.terminating && self.phase == PodPhase::Running && self.ready
+    }
+
+    /// Healthy for at least `min_ready_seconds` at `now`. A Ready pod whose transition time is
+    /// unknown is available only when `min_ready_seconds` is 0, as in Kubernetes.
+    pub fn is_available(&self, min_ready_seconds: i64, now: i64) -> bool {
+        self.is_healthy()
+            && (min_ready_seconds <= 0
+                || self
+                    .ready_since
+                    .is_some_and(|t| now.saturating_sub(t) >= min_ready_seconds))
+    }
+
+    /// Failed or Succeeded: the pod will never run again and must be replaced.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, PodPhase::Failed | PodPhase::Succeeded)
+    }
+}
+
+/// What the planner needs to know about one claim named `<template>-<set>-<ordinal>`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimInfo {
+    /// `metadata.name`.
+    pub name: String,
+    /// The volumeClaimTemplate it belongs to.
+    pub template: String,
+    /// The ordinal parsed from the name.
+    pub ordinal: i32,
+    /// Whether `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+    /// The current owners that the retention policy manages.
+    pub owners: ClaimOwners,
+}
+
+/// The owner references on a claim that the retention policy manages. Other owner references
+/// are left alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClaimOwners {
+    /// Owned by the AppSet (deleted with it).
+    pub set: bool,
+    /// Owned by this pod (uid), deleted with it.
+    pub pod: Option<String>,
+}
+
+/// Everything the planner decides from.
+#[derive(Clone, Debug)]
+pub struct PlanInput {
+    /// The AppSet's name.
+    pub set_name: String,
+    /// `spec.replicas`.
+    pub replicas: i32,
+    /// `spec.ordinals.start`.
+    pub start_ordinal: i32,
+    /// `spec.podManagementPolicy`.
+    pub policy: PodManagementPolicy,
+    /// `spec.updateStrategy.type`.
+    pub strategy: UpdateStrategyType,
+    /// `spec.updateStrategy.rollingUpdate.partition` (0 for `OnDelete`).
+    pub partition: i32,
+    /// `maxUnavailable`, resolved to a count of at least 1 (see [`resolve_max_unavailable`]).
+    pub max_unavailable: i32,
+    /// `spec.minReadySeconds`.
+    pub min_ready_seconds: i64,
+    /// `spec.persistentVolumeClaimRetentionPolicy`.
+    pub retention: PersistentVolumeClaimRetentionPolicy,
+    /// The names of the volumeClaimTemplates.
+    pub claim_templates: Vec<String>,
+    /// The current revision's name.
+    pub current_revision: String,
+    /// The update revision's name.
+    pub update_revision: String,
+    /// Now, in Unix seconds.
+    pub now: i64,
+    /// The pods the AppSet owns.
+    pub pods: Vec<PodInfo>,
+    /// The claims named after the AppSet's templates.
+    pub claims: Vec<ClaimInfo>,
+}
+
+/// Why a pod is deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// It failed or succeeded and must be recreated.
+    Finished,
+    /// Its ordinal is outside the replica range.
+    ScaleDown,
+    /// It is of an old revision and the rolling update reached it.
+    Update,
+    /// It is of an old revision and not Ready: replaced without waiting (kubernetes#67250).
+    BrokenOldRevision,
+}
+
+/// A pod to delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodDeletion {
+    /// The pod's name.
+    pub name: String,
+    /// The pod's uid (the delete precondition).
+    pub uid: String,
+    /// Why.
+    pub reason: DeleteReason,
+}
+
+/// A pod to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCreation {
+    /// The ordinal.
+    pub ordinal: i32,
+    /// `<set>-<ordinal>`.
+    pub name: String,
+    /// The revision whose template the pod is built from.
+    pub revision: String,
+}
+
+/// A claim to create (before its pod).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimCreation {
+    /// The volumeClaimTemplate's name.
+    pub template: String,
+    /// The ordinal.
+    pub ordinal: i32,
+    /// `<template>-<set>-<ordinal>`.
+    pub name: String,
+    /// The owners the claim is created with.
+    pub owners: ClaimOwners,
+}
+
+/// A claim whose retention-policy owner references must change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimOwnerUpdate {
+    /// The claim's name.
+    pub claim: String,
+    /// The pod it belongs to (for the owner reference's name).
+    pub pod_name: String,
+    /// The owners it must have.
+    pub owners: ClaimOwners,
+}
+
+/// What the planner is waiting for, for status messages and stall reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// A pod is not yet Running and Ready (or not yet available for `minReadySeconds`).
+    PodNotReady(String),
+    /// A pod is being deleted.
+    PodTerminating(String),
+    /// A claim the next pod needs is being deleted.
+    ClaimTerminating(String),
+    /// The rolling update has used its `maxUnavailable` budget.
+    UnavailableBudget {
+        /// Replicas unavailable now.
+        unavailable: i32,
+        /// `maxUnavailable`.
+        max_unavailable: i32,
+    },
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PodNotReady(p) => write!(f, "waiting for pod {p} to be Running and Ready"),
+            Self::PodTerminating(p) => write!(f, "waiting for pod {p} to finish terminating"),
+            Self::ClaimTerminating(c) => {
+                write!(
+                    f,
+                    "waiting for PersistentVolumeClaim {c} to finish terminating"
+                )
+            }
+            Self::UnavailableBudget {
+                unavailable,
+                max_unavailable,
+            } => write!(
+                f,
+                "{unavailable} replicas unavailable, maxUnavailable is {max_unavailable}"
+            ),
+        }
+    }
+}
+
+/// The planner's decision, executed by the controller in field order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Owner-reference changes on existing claims (first, so the garbage collector sees them
+    /// before any pod deletion).
+    pub claim_owner_updates: Vec<ClaimOwnerUpdate>,
+    /// Claims to create, before their pods.
+    pub create_claims: Vec<ClaimCreation>,
+    /// Pods to delete.
+    pub delete_pods: Vec<PodDeletion>,
+    /// Pods to create.
+    pub create_pods: Vec<PodCreation>,
+    /// What blocks further progress, if anything.
+    pub waiting: Option<Wait>,
+    /// When to look again even if nothing changes (a pod becoming available after
+    /// `minReadySeconds`), in seconds.
+    pub requeue_after: Option<i64>,
+}
+
+impl Plan {
+    /// Whether the plan changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.claim_owner_updates.is_empty()
+            && self.create_claims.is_empty()
+            && self.delete_pods.is_empty()
+            && self.create_pods.is_empty()
+    }
+}
+
+/// The name of the pod at `ordinal`: `<set>-<ordinal>`.
+pub fn pod_name(set: &str, ordinal: i32) -> String {
+    format!("{set}-{ordinal}")
+}
+
+/// The name of a claim: `<template>-<set>-<ordinal>`.
+pub fn claim_name(template: &str, set: &str, ordinal: i32) -> String {
+    format!("{template}-{set}-{ordinal}")
+}
+
+/// The ordinal of a pod named `<set>-<ordinal>`, if the name has that shape.
+pub fn parse_pod_ordinal(set: &str, name: &str) -> Option<i32> {
+    parse_ordinal_suffix(name.strip_prefix(set)?.strip_prefix('-')?)
+}
+
+/// The ordinal of a claim named `<template>-<set>-<ordinal>`, if the name has that shape.
+pub fn parse_claim_ordinal(template: &str, set: &str, name: &str) -> Option<i32> {
+    let rest = name.strip_prefix(template)?.strip_prefix('-')?;
+    parse_pod_ordinal(set, rest)
+}
+
+fn parse_ordinal_suffix(s: &str) -> Option<i32> {
+    // Canonical decimal only: "01" or "+1" would name a different pod than the one we build.
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Resolves `maxUnavailable` against `replicas` like StatefulSet: an integer is taken as is, a
+/// percentage is rounded down; either way the result is at least 1. Absent means 1.
+pub fn resolve_max_unavailable(
+    value: Option<&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    replicas: i32,
+) -> i32 {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let n = match value {
+        None => 1,
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(s)) => match s.strip_suffix('%').map(str::parse::<i64>) {
+            Some(Ok(p)) => (i64::from(replicas.max(0)) * p / 100) as i32,
+            _ => s.parse().unwrap_or(1),
+        },
+    };
+    n.max(1)
+}
+
+/// The owners a claim must have under `retention`, for a pod that is `condemned` or not.
+pub fn desired_claim_owners(
+    retention: &PersistentVolumeClaimRetentionPolicy,
+    condemned: bool,
+    pod_uid: Option<&str>,
+) -> ClaimOwners {
+    let scaled_delete = retention.when_scaled == RetentionPolicyType::Delete;
+    let deleted_delete = retention.when_deleted == RetentionPolicyType::Delete;
+    if condemned && scaled_delete {
+        ClaimOwners {
+            set: false,
+            pod: pod_uid.map(str::to_string),
+        }
+    } else {
+        ClaimOwners {
+            set: deleted_delete,
+            pod: None,
+        }
+    }
+}
+
+/// Decides what to do next. See the module documentation for the rules.
+pub fn plan(input: &PlanInput) -> Plan {
+    let mut out = Plan::default();
+    let monotonic = input.policy == PodManagementPolicy::OrderedReady;
+    let start = input.start_ordinal;
+    let end = start.saturating_add(input.replicas.max(0));
+    let in_range = |o: i32| o >= start && o < end;
+    let min_ready = input.min_ready_seconds;
+    let now = input.now;
+
+    let pods: BTreeMap<i32, &PodInfo> = input.pods.iter().map(|p| (p.ordinal, p)).collect();
+    let claims: BTreeMap<(&str, i32), &ClaimInfo> = input
+        .claims
+        .iter()
+        .map(|c| ((c.template.as_str(), c.ordinal), c))
+        .collect();
+    // Pods deleted by this plan count as terminating from here on.
+    let mut deleted: BTreeSet<i32> = BTreeSet::new();
+    let gone = |p: &PodInfo, deleted: &BTreeSet<i32>| p.terminating || deleted.contains(&p.ordinal);
+    let is_update_target = |o: i32| {
+        input.strategy == UpdateStrategyType::RollingUpdate && o - start >= input.partition
+    };
+
+    // 1. Finished pods in a replica slot are deleted and recreated later.
+    for p in pods.values() {
+        if in_range(p.ordinal) && !p.terminating && p.is_finished() {
+            out.delete_pods.push(PodDeletion {
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                reason: DeleteReason::Finished,
+            });
+            deleted.insert(p.ordinal);
+        }
+    }
+
+    // 2. Broken pods of an old revision that the update will replace anyway (kubernetes#67250).
+    for p in pods.values() {
+        if in_range(p.ordinal)
+            && !gone(p, &deleted)
+            && is_update_target(p.ordinal)
+            && p.revision.as_deref() != Some(input.update_revision.as_str())
+            && !p.ready
+        {
+            out.delete_pods.push(PodDeletion {
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                reason: DeleteReason::BrokenOldRevision,
+            });
+            deleted.insert(p.ordinal);
+        }
+    }
+
+    // 3. Walk the replica slots in order: claims, then pods.
+    let mut blocked = false;
+    for ordinal in start..end {
+        let name = pod_name(&input.set_name, ordinal);
+        match pods.get(&ordinal) {
+            None => {
+                let mut claim_blocked = None;
+                for template in &input.claim_templates {
+                    match claims.get(&(template.as_str(), ordinal)) {
+                        Some(c) if c.terminating => {
+                            claim_blocked = Some(c.name.clone());
+                        }
+                        Some(_) => {}
+                        None => out.create_claims.push(ClaimCreation {
+                            template: template.clone(),
+                            ordinal,
+                            name: claim_name(template, &input.set_name, ordinal),
+                            owners: desired_claim_owners(&input.retention, false, None),
+                        }),
+                    }
+                }
+                if let Some(claim) = claim_blocked {
+                    out.waiting.get_or_insert(Wait::ClaimTerminating(claim));
+                    if monotonic {
+                        blocked = true;
+                        break;
+                    }
+                    continue;
+                }
+                let revision = if input.strategy == UpdateStrategyType::RollingUpdate
+                    && ordinal - start < input.partition
+                {
+                    input.current_revision.clone()
+                } else {
+                    input.update_revision.clone()
+                };
+                out.create_pods.push(PodCreation {
+                    ordinal,
+                    name: name.clone(),
+                    revision,
+                });
+                if monotonic {
+                    out.waiting.get_or_insert(Wait::PodNotReady(name));
+                    blocked = true;
+                    break;
+                }
+            }
+            Some(p) if gone(p, &deleted) => {
+                out.waiting
+                    .get_or_insert(Wait::PodTerminating(p.name.clone()));
+                if monotonic {
+                    blocked = true;
+                    break;
+                }
+            }
+            Some(p) => {
+                // A claim deleted under a live pod is recreated, unless it is still terminating
+                // (the pod keeps it alive through the protection finalizer).
+                for template in &input.claim_templates {
+                    if !claims.contains_key(&(template.as_str(), ordinal)) {
+                        out.create_claims.push(ClaimCreation {
+                            template: template.clone(),
+                            ordinal,
+                            name: claim_name(template, &input.set_name, ordinal),
+                            owners: desired_claim_owners(&input.retention, false, Some(&p.uid)),
+                        });
+                    }
+                }
+                if !p.is_available(min_ready, now) {
+                    if p.is_healthy()
+                        && let Some(since) = p.ready_since
+                    {
+                        let left = (since + min_ready - now).max(1);
+                        out.requeue_after = Some(out.requeue_after.map_or(left, |r| r.min(left)));
+                    }
+                    if monotonic {
+                        out.waiting.get_or_insert(Wait::PodNotReady(p.name.clone()));
+                        blocked = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    // 4. Claim ownership for every live pod, following the retention policy.
+    for p in pods.values() {
+        if p.terminating {
+            continue;
+        }
+        let condemned = !in_range(p.ordinal);
+        let desired = desired_claim_owners(&input.retention, condemned, Some(&p.uid));
+        for template in &input.claim_templates {
+            if let Some(c) = claims.get(&(template.as_str(), p.ordinal))
+                && !c.terminating
+                && c.owners != desired
+            {
+                out.claim_owner_updates.push(ClaimOwnerUpdate {
+                    claim: c.name.clone(),
+                    pod_name: p.name.clone(),
+                    owners: desired.clone(),
+                });
+            }
+        }
+    }
+
+    // 5. Scale down, highest ordinal first.
+    let condemned: Vec<&PodInfo> = pods
+        .values()
+        .rev()
+        .filter(|p| !in_range(p.ordinal))
+        .copied()
+        .collect();
+    if monotonic {
+        if !blocked && let Some(target) = condemned.first() {
+            if target.terminating {
+                out.waiting
+                    .get_or_insert(Wait::PodTerminating(target.name.clone()));
+            } else {
+                // StatefulSet deletes an unhealthy condemned pod only when no lower pod is
+                // unhealthy too; a healthy one goes right away.
+                let lower_unhealthy = condemned[1..]
+                    .iter()
+                    .find(|p| !p.is_available(min_ready, now));
+                match lower_unhealthy {
+                    Some(p) if !target.is_available(min_ready, now) => {
+                        out.waiting.get_or_insert(Wait::PodNotReady(p.name.clone()));
+                    }
+                    _ => {
+                        out.delete_pods.push(PodDeletion {
+                            name: target.name.clone(),
+                            uid: target.uid.clone(),
+                            reason: DeleteReason::ScaleDown,
+                        });
+                        deleted.insert(target.ordinal);
+                    }
+                }
+            }
+        }
+    } else {
+        for p in &condemned {
+            if !p.terminating {
+                out.delete_pods.push(PodDeletion {
+                    name: p.name.clone(),
+                    uid: p.uid.clone(),
+                    reason: DeleteReason::ScaleDown,
+                });
+                deleted.insert(p.ordinal);
+            }
+        }
+    }
+
+    // 6. Rolling update, highest ordinal first, within the maxUnavailable budget.
+    let ordered_wait = monotonic && (blocked || !condemned.is_empty());
+    if input.strategy == UpdateStrategyType::RollingUpdate && !ordered_wait {
+        let unavailable = (start..end)
+            .filter(|o| match pods.get(o) {
+                None => true,
+                Some(p) => gone(p, &deleted) || !p.is_available(min_ready, now),
+            })
+            .count() as i32;
+        let mut budget = input.max_unavailable - unavailable;
+        for ordinal in (start..end).rev() {
+            if !is_update_target(ordinal) {
+                break;
+            }
+            let Some(p) = pods.get(&ordinal) else {
+                continue;
+            };
+            if gone(p, &deleted) || p.revision.as_deref() == Some(input.update_revision.as_str()) {
+                continue;
+            }
+            if budget <= 0 {
+                out.waiting.get_or_insert(Wait::UnavailableBudget {
+                    unavailable: input.max_unavailable - budget,
+                    max_unavailable: input.max_unavailable,
+                });
+                break;
+            }
+            out.delete_pods.push(PodDeletion {
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                reason: DeleteReason::Update,
+            });
+            deleted.insert(ordinal);
+            budget -= 1;
+        }
+    }
+
+    out
+}
+
+#[cfg(test)]
+mod tests;

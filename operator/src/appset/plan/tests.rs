@@ -1,0 +1,827 @@
+//! Unit tests of the planner: every pod management policy crossed with scale up/down, partition,
+//! maxUnavailable, failed and terminating pods, the retention policy and the broken-pod case.
+
+use super::*;
+use appset_crds::appset::PersistentVolumeClaimRetentionPolicy as Retention;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+const NOW: i64 = 1_000_000;
+const OLD: &str = "web-old";
+const NEW: &str = "web-new";
+
+fn input(policy: PodManagementPolicy, replicas: i32) -> PlanInput {
+    PlanInput {
+        set_name: "web".into(),
+        replicas,
+        start_ordinal: 0,
+        policy,
+        strategy: UpdateStrategyType::RollingUpdate,
+        partition: 0,
+        max_unavailable: 1,
+        min_ready_seconds: 0,
+        retention: Retention::default(),
+        claim_templates: vec!["data".into()],
+        current_revision: OLD.into(),
+        update_revision: NEW.into(),
+        now: NOW,
+        pods: vec![],
+        claims: vec![],
+    }
+}
+
+/// A Running, Ready pod of `revision` at `ordinal`, Ready for an hour, with its claim.
+fn ready(i: &mut PlanInput, ordinal: i32, revision: &str) {
+    i.pods.push(PodInfo {
+        name: format!("web-{ordinal}"),
+        uid: format!("uid-{ordinal}"),
+        ordinal,
+        revision: Some(revision.into()),
+        phase: PodPhase::Running,
+        ready: true,
+        ready_since: Some(NOW - 3600),
+        terminating: false,
+    });
+    claim(i, ordinal);
+}
+
+fn claim(i: &mut PlanInput, ordinal: i32) {
+    i.claims.push(ClaimInfo {
+        name: format!("data-web-{ordinal}"),
+        template: "data".into(),
+        ordinal,
+        terminating: false,
+        owners: ClaimOwners::default(),
+    });
+}
+
+fn pod_mut(i: &mut PlanInput, ordinal: i32) -> &mut PodInfo {
+    i.pods
+        .iter_mut()
+        .find(|p| p.ordinal == ordinal)
+        .expect("fixture pod")
+}
+
+fn created(p: &Plan) -> Vec<(i32, &str)> {
+    p.create_pods
+        .iter()
+        .map(|c| (c.ordinal, c.revision.as_str()))
+        .collect()
+}
+
+fn deleted(p: &Plan) -> Vec<(&str, DeleteReason)> {
+    p.delete_pods
+        .iter()
+        .map(|d| (d.name.as_str(), d.reason))
+        .collect()
+}
+
+fn claims_created(p: &Plan) -> Vec<&str> {
+    p.create_claims.iter().map(|c| c.name.as_str()).collect()
+}
+
+use DeleteReason::*;
+use PodManagementPolicy::*;
+
+// --- names ---
+
+#[test]
+fn names_and_ordinals_round_trip() {
+    assert_eq!(pod_name("web", 3), "web-3");
+    assert_eq!(claim_name("data", "web", 3), "data-web-3");
+    assert_eq!(parse_pod_ordinal("web", "web-3"), Some(3));
+    assert_eq!(parse_pod_ordinal("web", "web-10"), Some(10));
+    assert_eq!(parse_pod_ordinal("web", "web-03"), None);
+    assert_eq!(parse_pod_ordinal("web", "web-x"), None);
+    assert_eq!(parse_pod_ordinal("web", "webx-1"), None);
+    assert_eq!(parse_pod_ordinal("web", "web-"), None);
+    assert_eq!(parse_pod_ordinal("web", "web-a-1"), None);
+    assert_eq!(parse_claim_ordinal("data", "web", "data-web-2"), Some(2));
+    assert_eq!(parse_claim_ordinal("data", "web", "logs-web-2"), None);
+    assert_eq!(parse_claim_ordinal("data", "web", "data-web-2-1"), None);
+}
+
+#[test]
+fn max_unavailable_resolution() {
+    assert_eq!(resolve_max_unavailable(None, 10), 1);
+    assert_eq!(resolve_max_unavailable(Some(&IntOrString::Int(3)), 10), 3);
+    assert_eq!(resolve_max_unavailable(Some(&IntOrString::Int(0)), 10), 1);
+    assert_eq!(
+        resolve_max_unavailable(Some(&IntOrString::String("50%".into())), 5),
+        2
+    );
+    assert_eq!(
+        resolve_max_unavailable(Some(&IntOrString::String("10%".into())), 5),
+        1
+    );
+    assert_eq!(
+        resolve_max_unavailable(Some(&IntOrString::String("100%".into())), 7),
+        7
+    );
+}
+
+// --- scale up ---
+
+#[test]
+fn ordered_ready_creates_claims_then_the_first_pod_only() {
+    let i = input(OrderedReady, 3);
+    let p = plan(&i);
+    assert_eq!(claims_created(&p), vec!["data-web-0"]);
+    assert_eq!(created(&p), vec![(0, NEW)]);
+    assert_eq!(p.waiting, Some(Wait::PodNotReady("web-0".into())));
+}
+
+#[test]
+fn ordered_ready_waits_for_the_previous_pod_to_be_running_and_ready() {
+    let mut i = input(OrderedReady, 3);
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    pod_mut(&mut i, 1).ready = false;
+    let p = plan(&i);
+    assert!(p.is_empty(), "{p:?}");
+    assert_eq!(p.waiting, Some(Wait::PodNotReady("web-1".into())));
+
+    // Ready but Pending (not Running) does not count either.
+    let mut i = input(OrderedReady, 3);
+    ready(&mut i, 0, NEW);
+    pod_mut(&mut i, 0).phase = PodPhase::Pending;
+    assert!(plan(&i).create_pods.is_empty());
+}
+
+#[test]
+fn ordered_ready_continues_once_the_previous_pod_is_ready() {
+    let mut i = input(OrderedReady, 3);
+    ready(&mut i, 0, NEW);
+    let p = plan(&i);
+    assert_eq!(created(&p), vec![(1, NEW)]);
+    assert_eq!(claims_created(&p), vec!["data-web-1"]);
+}
+
+#[test]
+fn ordered_ready_honours_min_ready_seconds() {
+    let mut i = input(OrderedReady, 2);
+    i.min_ready_seconds = 30;
+    ready(&mut i, 0, NEW);
+    pod_mut(&mut i, 0).ready_since = Some(NOW - 10);
+    let p = plan(&i);
+    assert!(p.create_pods.is_empty());
+    assert_eq!(p.requeue_after, Some(20));
+
+    pod_mut(&mut i, 0).ready_since = Some(NOW - 30);
+    assert_eq!(created(&plan(&i)), vec![(1, NEW)]);
+
+    // Unknown transition time with minReadySeconds: not available.
+    pod_mut(&mut i, 0).ready_since = None;
+    assert!(plan(&i).create_pods.is_empty());
+}
+
+#[test]
+fn parallel_creates_everything_at_once() {
+    let mut i = input(Parallel, 4);
+    ready(&mut i, 1, NEW);
+    i.pods.clear(); // claim of 1 exists, pod does not
+    let p = plan(&i);
+    assert_eq!(created(&p), vec![(0, NEW), (1, NEW), (2, NEW), (3, NEW)]);
+    assert_eq!(
+        claims_created(&p),
+        vec!["data-web-0", "data-web-2", "data-web-3"]
+    );
+}
+
+#[test]
+fn parallel_does_not_wait_for_unready_pods() {
+    let mut i = input(Parallel, 3);
+    ready(&mut i, 0, NEW);
+    pod_mut(&mut i, 0).ready = false;
+    assert_eq!(created(&plan(&i)), vec![(1, NEW), (2, NEW)]);
+}
+
+#[test]
+fn every_template_gets_a_claim_and_existing_claims_are_reused() {
+    let mut i = input(Parallel, 2);
+    i.claim_templates = vec!["data".into(), "logs".into()];
+    claim(&mut i, 0);
+    let p = plan(&i);
+    assert_eq!(
+        claims_created(&p),
+        vec!["logs-web-0", "data-web-1", "logs-web-1"]
+    );
+}
+
+#[test]
+fn a_terminating_claim_blocks_its_pod() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = input(policy, 2);
+        claim(&mut i, 0);
+        i.claims[0].terminating = true;
+        let p = plan(&i);
+        assert!(p.create_pods.iter().all(|c| c.ordinal != 0), "{policy:?}");
+        assert_eq!(p.waiting, Some(Wait::ClaimTerminating("data-web-0".into())));
+        match policy {
+            OrderedReady => assert!(p.create_pods.is_empty()),
+            Parallel => assert_eq!(created(&p), vec![(1, NEW)]),
+        }
+    }
+}
+
+#[test]
+fn a_missing_claim_of_a_live_pod_is_recreated() {
+    let mut i = input(Parallel, 1);
+    ready(&mut i, 0, NEW);
+    i.claims.clear();
+    assert_eq!(claims_created(&plan(&i)), vec!["data-web-0"]);
+}
+
+#[test]
+fn ordinals_start_shifts_the_slots() {
+    let mut i = input(Parallel, 2);
+    i.start_ordinal = 5;
+    ready(&mut i, 0, NEW);
+    let p = plan(&i);
+    assert_eq!(created(&p), vec![(5, NEW), (6, NEW)]);
+    assert_eq!(deleted(&p), vec![("web-0", ScaleDown)]);
+}
+
+#[test]
+fn claims_are_created_with_the_set_as_owner_when_when_deleted_is_delete() {
+    let mut i = input(Parallel, 1);
+    i.retention.when_deleted = RetentionPolicyType::Delete;
+    let p = plan(&i);
+    assert!(p.create_claims[0].owners.set);
+    assert_eq!(p.create_claims[0].owners.pod, None);
+}
+
+// --- scale down ---
+
+#[test]
+fn ordered_ready_scales_down_highest_first_one_at_a_time() {
+    let mut i = input(OrderedReady, 2);
+    for o in 0..5 {
+        ready(&mut i, o, NEW);
+    }
+    let p = plan(&i);
+    assert_eq!(deleted(&p), vec![("web-4", ScaleDown)]);
+
+    pod_mut(&mut i, 4).terminating = true;
+    let p = plan(&i);
+    assert!(p.delete_pods.is_empty());
+    assert_eq!(p.waiting, Some(Wait::PodTerminating("web-4".into())));
+}
+
+#[test]
+fn ordered_ready_does_not_scale_down_while_a_replica_is_unhealthy() {
+    let mut i = input(OrderedReady, 2);
+    for o in 0..4 {
+        ready(&mut i, o, NEW);
+    }
+    pod_mut(&mut i, 1).ready = false;
+    let p = plan(&i);
+    // web-1 is of the update revision, so it is waited for, not replaced.
+    assert!(p.delete_pods.is_empty(), "{p:?}");
+}
+
+#[test]
+fn ordered_ready_unhealthy_condemned_pod_waits_for_lower_unhealthy_ones() {
+    let mut i = input(OrderedReady, 1);
+    for o in 0..4 {
+        ready(&mut i, o, NEW);
+    }
+    pod_mut(&mut i, 3).ready = false;
+    pod_mut(&mut i, 2).ready = false;
+    let p = plan(&i);
+    assert!(p.delete_pods.is_empty());
+    assert_eq!(p.waiting, Some(Wait::PodNotReady("web-2".into())));
+
+    // An unhealthy highest pod with healthy pods below is deleted.
+    pod_mut(&mut i, 2).ready = true;
+    assert_eq!(deleted(&plan(&i)), vec![("web-3", ScaleDown)]);
+    // A healthy highest pod goes even if a lower condemned pod is unhealthy.
+    pod_mut(&mut i, 3).ready = true;
+    pod_mut(&mut i, 2).ready = false;
+    assert_eq!(deleted(&plan(&i)), vec![("web-3", ScaleDown)]);
+}
+
+#[test]
+fn parallel_scales_down_all_at_once_and_skips_terminating_pods() {
+    let mut i = input(Parallel, 2);
+    for o in 0..5 {
+        ready(&mut i, o, NEW);
+    }
+    pod_mut(&mut i, 3).terminating = true;
+    let p = plan(&i);
+    assert_eq!(
+        deleted(&p),
+        vec![("web-4", ScaleDown), ("web-2", ScaleDown)]
+    );
+}
+
+#[test]
+fn scale_to_zero() {
+    let mut i = input(OrderedReady, 0);
+    for o in 0..3 {
+        ready(&mut i, o, NEW);
+    }
+    assert_eq!(deleted(&plan(&i)), vec![("web-2", ScaleDown)]);
+    i.policy = Parallel;
+    assert_eq!(plan(&i).delete_pods.len(), 3);
+}
+
+// --- retention policy ---
+
+fn owners_of(p: &Plan, claim: &str) -> Option<ClaimOwners> {
+    p.claim_owner_updates
+        .iter()
+        .find(|u| u.claim == claim)
+        .map(|u| u.owners.clone())
+}
+
+#[test]
+fn retain_retain_sets_no_owners_and_removes_stale_ones() {
+    let mut i = input(Parallel, 1);
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    let p = plan(&i);
+    assert!(p.claim_owner_updates.is_empty(), "{p:?}");
+    // A stale set owner (policy changed from Delete to Retain) is removed.
+    i.claims[0].owners.set = true;
+    assert_eq!(
+        owners_of(&plan(&i), "data-web-0"),
+        Some(ClaimOwners::default())
+    );
+}
+
+#[test]
+fn when_scaled_delete_makes_the_condemned_pod_own_its_claims() {
+    let mut i = input(Parallel, 1);
+    i.retention.when_scaled = RetentionPolicyType::Delete;
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    let p = plan(&i);
+    assert_eq!(
+        owners_of(&p, "data-web-1"),
+        Some(ClaimOwners {
+            set: false,
+            pod: Some("uid-1".into())
+        })
+    );
+    assert_eq!(owners_of(&p, "data-web-0"), None);
+    assert_eq!(deleted(&p), vec![("web-1", ScaleDown)]);
+}
+
+#[test]
+fn when_deleted_delete_makes_the_set_own_live_claims() {
+    let mut i = input(Parallel, 1);
+    i.retention.when_deleted = RetentionPolicyType::Delete;
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    let p = plan(&i);
+    let set_only = ClaimOwners {
+        set: true,
+        pod: None,
+    };
+    assert_eq!(owners_of(&p, "data-web-0"), Some(set_only.clone()));
+    // whenScaled is Retain: the condemned pod's claim stays owned by the set.
+    assert_eq!(owners_of(&p, "data-web-1"), Some(set_only));
+}
+
+#[test]
+fn delete_delete_moves_condemned_claims_from_the_set_to_the_pod() {
+    let mut i = input(OrderedReady, 1);
+    i.retention = Retention {
+        when_deleted: RetentionPolicyType::Delete,
+        when_scaled: RetentionPolicyType::Delete,
+    };
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    for c in &mut i.claims {
+        c.owners.set = true;
+    }
+    let p = plan(&i);
+    assert_eq!(owners_of(&p, "data-web-0"), None);
+    assert_eq!(
+        owners_of(&p, "data-web-1"),
+        Some(ClaimOwners {
+            set: false,
+            pod: Some("uid-1".into())
+        })
+    );
+}
+
+#[test]
+fn scaling_back_up_takes_the_claim_back_from_the_pod() {
+    let mut i = input(Parallel, 2);
+    i.retention.when_scaled = RetentionPolicyType::Delete;
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    i.claims[1].owners.pod = Some("uid-1".into());
+    assert_eq!(
+        owners_of(&plan(&i), "data-web-1"),
+        Some(ClaimOwners::default())
+    );
+}
+
+#[test]
+fn claims_of_terminating_pods_and_terminating_claims_are_left_alone() {
+    let mut i = input(Parallel, 0);
+    i.retention.when_scaled = RetentionPolicyType::Delete;
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    pod_mut(&mut i, 0).terminating = true;
+    i.claims[1].terminating = true;
+    let p = plan(&i);
+    assert!(p.claim_owner_updates.is_empty(), "{p:?}");
+}
+
+// --- failed and terminating pods ---
+
+#[test]
+fn failed_and_succeeded_pods_are_replaced_in_both_policies() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = input(policy, 3);
+        for o in 0..3 {
+            ready(&mut i, o, NEW);
+        }
+        pod_mut(&mut i, 0).phase = PodPhase::Failed;
+        pod_mut(&mut i, 2).phase = PodPhase::Succeeded;
+        let p = plan(&i);
+        assert_eq!(
+            deleted(&p),
+            vec![("web-0", Finished), ("web-2", Finished)],
+            "{policy:?}"
+        );
+        assert!(p.create_pods.is_empty(), "the name is still taken");
+    }
+}
+
+#[test]
+fn a_terminating_pod_is_waited_for_never_duplicated() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = input(policy, 3);
+        for o in 0..2 {
+            ready(&mut i, o, NEW);
+        }
+        pod_mut(&mut i, 0).terminating = true;
+        pod_mut(&mut i, 0).phase = PodPhase::Failed;
+        let p = plan(&i);
+        assert!(p.delete_pods.is_empty(), "{policy:?}");
+        assert!(p.create_pods.iter().all(|c| c.ordinal != 0));
+        match policy {
+            OrderedReady => assert!(p.create_pods.is_empty()),
+            Parallel => assert_eq!(created(&p), vec![(2, NEW)]),
+        }
+        assert_eq!(p.waiting, Some(Wait::PodTerminating("web-0".into())));
+    }
+}
+
+#[test]
+fn a_failed_condemned_pod_is_simply_scaled_down() {
+    let mut i = input(Parallel, 1);
+    ready(&mut i, 0, NEW);
+    ready(&mut i, 1, NEW);
+    pod_mut(&mut i, 1).phase = PodPhase::Failed;
+    assert_eq!(deleted(&plan(&i)), vec![("web-1", ScaleDown)]);
+}
+
+// --- rolling update ---
+
+fn all_ready(policy: PodManagementPolicy, n: i32, revision: &str) -> PlanInput {
+    let mut i = input(policy, n);
+    for o in 0..n {
+        ready(&mut i, o, revision);
+    }
+    i
+}
+
+#[test]
+fn rolling_update_replaces_the_highest_old_pod_first() {
+    for policy in [OrderedReady, Parallel] {
+        let i = all_ready(policy, 3, OLD);
+        assert_eq!(deleted(&plan(&i)), vec![("web-2", Update)], "{policy:?}");
+    }
+}
+
+#[test]
+fn rolling_update_recreates_at_the_update_revision_and_waits_for_it() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = all_ready(policy, 3, OLD);
+        i.pods.retain(|p| p.ordinal != 2);
+        let p = plan(&i);
+        assert_eq!(created(&p), vec![(2, NEW)], "{policy:?}");
+        assert!(p.delete_pods.is_empty(), "one unavailable is the budget");
+
+        ready(&mut i, 2, NEW);
+        i.claims.pop();
+        pod_mut(&mut i, 2).ready = false;
+        let p = plan(&i);
+        assert!(p.is_empty(), "{policy:?}: {p:?}");
+
+        pod_mut(&mut i, 2).ready = true;
+        assert_eq!(deleted(&plan(&i)), vec![("web-1", Update)]);
+    }
+}
+
+#[test]
+fn rolling_update_honours_min_ready_seconds_before_the_next_pod() {
+    let mut i = all_ready(Parallel, 3, OLD);
+    i.min_ready_seconds = 60;
+    pod_mut(&mut i, 2).revision = Some(NEW.into());
+    pod_mut(&mut i, 2).ready_since = Some(NOW - 5);
+    let p = plan(&i);
+    assert!(p.delete_pods.is_empty());
+    assert_eq!(p.requeue_after, Some(55));
+    pod_mut(&mut i, 2).ready_since = Some(NOW - 60);
+    assert_eq!(deleted(&plan(&i)), vec![("web-1", Update)]);
+}
+
+#[test]
+fn partition_keeps_lower_pods_at_the_current_revision() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = all_ready(policy, 4, OLD);
+        i.partition = 2;
+        pod_mut(&mut i, 3).revision = Some(NEW.into());
+        pod_mut(&mut i, 2).revision = Some(NEW.into());
+        let p = plan(&i);
+        assert!(p.is_empty(), "{policy:?}: {p:?}");
+
+        // A lower pod that disappears comes back at the current revision.
+        i.pods.retain(|p| p.ordinal != 1);
+        assert_eq!(created(&plan(&i)), vec![(1, OLD)]);
+    }
+}
+
+#[test]
+fn partition_is_relative_to_ordinals_start() {
+    let mut i = input(Parallel, 3);
+    i.start_ordinal = 10;
+    i.partition = 2;
+    for o in 10..13 {
+        ready(&mut i, o, OLD);
+    }
+    assert_eq!(deleted(&plan(&i)), vec![("web-12", Update)]);
+}
+
+#[test]
+fn partition_at_or_above_replicas_updates_nothing() {
+    let mut i = all_ready(Parallel, 3, OLD);
+    i.partition = 3;
+    assert!(plan(&i).is_empty());
+}
+
+#[test]
+fn max_unavailable_deletes_several_at_once_in_both_policies() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = all_ready(policy, 5, OLD);
+        i.max_unavailable = 2;
+        assert_eq!(
+            deleted(&plan(&i)),
+            vec![("web-4", Update), ("web-3", Update)],
+            "{policy:?}"
+        );
+    }
+}
+
+#[test]
+fn max_unavailable_counts_existing_unavailable_pods() {
+    let mut i = all_ready(Parallel, 5, OLD);
+    i.max_unavailable = 3;
+    pod_mut(&mut i, 4).revision = Some(NEW.into());
+    pod_mut(&mut i, 4).ready = false;
+    let p = plan(&i);
+    assert_eq!(deleted(&p), vec![("web-3", Update), ("web-2", Update)]);
+    i.max_unavailable = 1;
+    let p = plan(&i);
+    assert!(p.delete_pods.is_empty());
+    assert_eq!(
+        p.waiting,
+        Some(Wait::UnavailableBudget {
+            unavailable: 1,
+            max_unavailable: 1
+        })
+    );
+}
+
+#[test]
+fn max_unavailable_with_partition() {
+    let mut i = all_ready(Parallel, 6, OLD);
+    i.max_unavailable = 3;
+    i.partition = 4;
+    assert_eq!(
+        deleted(&plan(&i)),
+        vec![("web-5", Update), ("web-4", Update)]
+    );
+}
+
+#[test]
+fn ordered_ready_does_not_update_while_a_creation_is_pending() {
+    let mut i = all_ready(OrderedReady, 3, OLD);
+    i.max_unavailable = 2;
+    i.pods.retain(|p| p.ordinal != 2);
+    let p = plan(&i);
+    assert_eq!(created(&p), vec![(2, NEW)]);
+    assert!(p.delete_pods.is_empty());
+}
+
+#[test]
+fn parallel_updates_within_budget_while_creating() {
+    let mut i = all_ready(Parallel, 3, OLD);
+    i.max_unavailable = 2;
+    i.pods.retain(|p| p.ordinal != 2);
+    let p = plan(&i);
+    assert_eq!(created(&p), vec![(2, NEW)]);
+    assert_eq!(deleted(&p), vec![("web-1", Update)]);
+}
+
+#[test]
+fn ordered_ready_updates_only_after_scale_down_finished() {
+    let mut i = all_ready(OrderedReady, 3, OLD);
+    ready(&mut i, 3, OLD);
+    assert_eq!(deleted(&plan(&i)), vec![("web-3", ScaleDown)]);
+    pod_mut(&mut i, 3).terminating = true;
+    assert!(plan(&i).delete_pods.is_empty());
+}
+
+#[test]
+fn parallel_scales_down_and_updates_in_one_pass() {
+    let mut i = all_ready(Parallel, 2, OLD);
+    ready(&mut i, 2, OLD);
+    assert_eq!(
+        deleted(&plan(&i)),
+        vec![("web-2", ScaleDown), ("web-1", Update)]
+    );
+}
+
+#[test]
+fn on_delete_never_deletes_for_an_update_and_recreates_at_the_update_revision() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = all_ready(policy, 3, OLD);
+        i.strategy = UpdateStrategyType::OnDelete;
+        assert!(plan(&i).is_empty(), "{policy:?}");
+        // Even a broken old pod is left to the user.
+        pod_mut(&mut i, 2).ready = false;
+        assert!(plan(&i).delete_pods.is_empty());
+        // A pod the user deleted comes back at the update revision.
+        i.pods.retain(|p| p.ordinal != 0);
+        let p = plan(&i);
+        assert_eq!(created(&p), vec![(0, NEW)]);
+    }
+}
+
+#[test]
+fn pods_without_a_revision_label_are_updated() {
+    let mut i = all_ready(Parallel, 2, OLD);
+    for p in &mut i.pods {
+        p.revision = None;
+    }
+    assert_eq!(deleted(&plan(&i)), vec![("web-1", Update)]);
+}
+
+// --- kubernetes#67250: broken pods of an old revision ---
+
+#[test]
+fn a_broken_old_pod_is_replaced_without_waiting_in_ordered_ready() {
+    // web-2 was rolled to a broken revision; the user then fixed the template (NEW).
+    let mut i = all_ready(OrderedReady, 3, OLD);
+    pod_mut(&mut i, 2).revision = Some("web-broken".into());
+    pod_mut(&mut i, 2).ready = false;
+    let p = plan(&i);
+    assert_eq!(deleted(&p), vec![("web-2", BrokenOldRevision)]);
+
+    // StatefulSet would wait for web-2 forever; AppSet recreates it at NEW next.
+    i.pods.retain(|p| p.ordinal != 2);
+    assert_eq!(created(&plan(&i)), vec![(2, NEW)]);
+}
+
+#[test]
+fn a_broken_old_pod_is_replaced_even_when_the_budget_is_used_up() {
+    for policy in [OrderedReady, Parallel] {
+        let mut i = all_ready(policy, 4, OLD);
+        pod_mut(&mut i, 1).ready = false;
+        pod_mut(&mut i, 3).ready = false;
+        pod_mut(&mut i, 3).phase = PodPhase::Pending;
+        let p = plan(&i);
+        assert_eq!(
+            deleted(&p),
+            vec![("web-1", BrokenOldRevision), ("web-3", BrokenOldRevision)],
+            "{policy:?}"
+        );
+    }
+}
+
+#[test]
+fn a_broken_pod_of_the_update_revision_is_waited_for() {
+    let mut i = all_ready(OrderedReady, 3, OLD);
+    pod_mut(&mut i, 2).revision = Some(NEW.into());
+    pod_mut(&mut i, 2).ready = false;
+    let p = plan(&i);
+    assert!(p.delete_pods.is_empty());
+    assert_eq!(p.waiting, Some(Wait::PodNotReady("web-2".into())));
+}
+
+#[test]
+fn a_broken_pod_below_the_partition_is_not_replaced() {
+    let mut i = all_ready(Parallel, 3, OLD);
+    i.partition = 2;
+    pod_mut(&mut i, 0).ready = false;
+    pod_mut(&mut i, 2).revision = Some(NEW.into());
+    assert!(plan(&i).delete_pods.is_empty());
+}
+
+#[test]
+fn broken_then_fixed_rollout_completes_step_by_step() {
+    // Simulates the controller loop: each step applies the plan to the fixture.
+    let mut i = all_ready(OrderedReady, 3, OLD);
+    i.update_revision = "web-broken".into();
+    // Step 1: web-2 is replaced by the broken revision, which never becomes Ready.
+    assert_eq!(deleted(&plan(&i)), vec![("web-2", Update)]);
+    i.pods.retain(|p| p.ordinal != 2);
+    assert_eq!(created(&plan(&i)), vec![(2, "web-broken")]);
+    ready(&mut i, 2, "web-broken");
+    i.claims.pop();
+    pod_mut(&mut i, 2).ready = false;
+    assert!(
+        plan(&i).is_empty(),
+        "stuck on the broken revision, as expected"
+    );
+    // Step 2: the fixed template becomes the update revision.
+    i.update_revision = NEW.into();
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        assert!(steps < 20, "rollout did not converge: {i:?}");
+        let p = plan(&i);
+        if p.is_empty() {
+            break;
+        }
+        for d in &p.delete_pods {
+            i.pods.retain(|x| x.name != d.name);
+        }
+        for c in &p.create_pods {
+            i.pods.push(PodInfo {
+                name: c.name.clone(),
+                uid: format!("uid-{}-new", c.ordinal),
+                ordinal: c.ordinal,
+                revision: Some(c.revision.clone()),
+                phase: PodPhase::Running,
+                ready: true,
+                ready_since: Some(NOW - 3600),
+                terminating: false,
+            });
+        }
+    }
+    assert!(
+        i.pods
+            .iter()
+            .all(|p| p.revision.as_deref() == Some(NEW) && p.ready),
+        "{i:?}"
+    );
+    assert_eq!(i.pods.len(), 3);
+}
+
+#[test]
+fn a_full_rolling_update_converges_with_each_policy_and_budget() {
+    for policy in [OrderedReady, Parallel] {
+        for max_unavailable in [1, 2, 5] {
+            for partition in [0, 2] {
+                let mut i = all_ready(policy, 5, OLD);
+                i.max_unavailable = max_unavailable;
+                i.partition = partition;
+                let mut order = vec![];
+                for _ in 0..30 {
+                    let p = plan(&i);
+                    if p.is_empty() {
+                        break;
+                    }
+                    assert!(
+                        p.delete_pods.len() <= max_unavailable as usize,
+                        "{policy:?} {max_unavailable}"
+                    );
+                    for d in &p.delete_pods {
+                        order.push(d.name.clone());
+                        i.pods.retain(|x| x.name != d.name);
+                    }
+                    for c in &p.create_pods {
+                        i.pods.push(PodInfo {
+                            name: c.name.clone(),
+                            uid: format!("uid-{}-new", c.ordinal),
+                            ordinal: c.ordinal,
+                            revision: Some(c.revision.clone()),
+                            phase: PodPhase::Running,
+                            ready: true,
+                            ready_since: Some(NOW - 3600),
+                            terminating: false,
+                        });
+                    }
+                }
+                let expected: Vec<String> =
+                    (partition..5).rev().map(|o| format!("web-{o}")).collect();
+                assert_eq!(
+                    order, expected,
+                    "{policy:?} mu={max_unavailable} p={partition}"
+                );
+                for p in &i.pods {
+                    let want = if p.ordinal < partition { OLD } else { NEW };
+                    assert_eq!(p.revision.as_deref(), Some(want));
+                }
+            }
+        }
+    }
+}
