@@ -17,6 +17,7 @@
 //! * [`build`] constructs the pods, claims and headless Service the controller writes.
 
 pub mod build;
+pub mod controller;
 pub mod plan;
 pub mod revision;
 pub mod status;
