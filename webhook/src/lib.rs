@@ -4,14 +4,179 @@
 //! and mounts declared in `PodInjection` resources. Data flow:
 //!
 //! ```text
-//! API server ──HTTPS──▶ server (rustls) ──body──▶ admission::review ──▶ matching ──▶ plan ──▶ patch
-//!                          ▲                              ▲
-//!                  tls (Secret watch)          reflector store of PodInjections
+//!                 PodInjection watch ──▶ reflector store ─┐
+//!                 Namespace metadata watch ──▶ store ─────┤ (memory only)
+//! API server ──HTTPS──▶ server ──body──▶ admission::respond ──▶ matching ──▶ plan ──▶ patch
+//!                 ▲
+//!   certificate Secret ◀──▶ tls::manager ──▶ resolver (swapped on renewal)
+//!                                      └──▶ MutatingWebhookConfiguration caBundle
 //! ```
 //!
 //! * [`matching`], [`plan`], [`patch`] and [`admission`] are pure: the answer to a request is a
-//!   function of the request body and the PodInjections in memory, with no API call.
+//!   function of the request body and the objects in memory, with no API call on the request
+//!   path.
+//! * [`server`] is the HTTPS server; [`tls`] keeps its certificate; [`metrics`] counts.
+//! * [`serve`] wires them to a cluster; the `appset-webhook` binary is a thin wrapper around it.
+//!
+//! Failure modes this design rules out: only namespaces labelled `appset.dev/injection=enabled`
+//! are sent to the webhook (so an outage cannot block system pods or the webhook's own), lists
+//! are appended to and never replaced, pointers are RFC 6901-escaped, and a pod that would not get
+//! what it asked for is denied with a message rather than admitted without it.
+
 pub mod admission;
 pub mod matching;
+pub mod metrics;
 pub mod patch;
 pub mod plan;
+pub mod probe;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use appset_crds::PodInjection;
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::server::AppState;
+use crate::tls::manager::{TlsConfig, TlsManager};
+use crate::tls::resolver::CertResolver;
+
+/// How the webhook runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen (ignored by [`serve_on`]).
+    pub listen: SocketAddr,
+    /// The certificate Secret and the webhook configuration to keep current.
+    pub tls: TlsConfig,
+    /// Watch PodInjections in this namespace only (all namespaces when `None`).
+    pub watch_namespace: Option<String>,
+    /// Keep a cache of namespace labels to re-check the opt-in label on each request.
+    pub namespace_cache: bool,
+}
+
+/// Errors that stop the webhook.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    /// The server failed to start.
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+}
+
+/// Binds `config.listen` and serves until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Bind(config.listen, e))?;
+    serve_on(listener, config, client, shutdown).await
+}
+
+/// Serves on an already bound listener until `shutdown` completes: watches PodInjections (and
+/// namespaces), keeps the certificates, and answers admission requests.
+pub async fn serve_on(
+    listener: TcpListener,
+    config: Config,
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let api: Api<PodInjection> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (injections, writer) = reflector::store();
+    let pi_stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .for_each(|ev| {
+        if let Err(e) = ev {
+            warn!(error = %e, "PodInjection watch error; retrying");
+        }
+        future::ready(())
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    let s = stopped();
+    tasks.spawn(async move {
+        tokio::select! { () = pi_stream => {}, () = s => {} }
+    });
+
+    let namespaces = if config.namespace_cache {
+        let (store, writer) = reflector::store();
+        let stream = reflector(
+            writer,
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        )
+        .for_each(|ev| {
+            if let Err(e) = ev {
+                warn!(error = %e, "Namespace watch error; retrying");
+            }
+            future::ready(())
+        });
+        let s = stopped();
+        tasks.spawn(async move {
+            tokio::select! { () = stream => {}, () = s => {} }
+        });
+        Some(store)
+    } else {
+        None
+    };
+
+    let resolver = Arc::new(CertResolver::new());
+    let state = Arc::new(AppState {
+        injections: injections.clone(),
+        namespaces,
+        resolver: resolver.clone(),
+        metrics: Metrics::new(),
+        synced: Default::default(),
+    });
+
+    let ready_state = state.clone();
+    let s = stopped();
+    tasks.spawn(async move {
+        tokio::select! {
+            r = injections.wait_until_ready() => {
+                if r.is_ok() {
+                    ready_state.synced.store(true, Ordering::Release);
+                    info!("PodInjection watch synced");
+                }
+            }
+            () = s => {}
+        }
+    });
+
+    let manager = TlsManager::new(client, config.tls.clone(), resolver);
+    tasks.spawn(manager.run(stopped()));
+
+    info!(addr = ?listener.local_addr().ok(), "serving admission reviews");
+    let result = server::run(listener, state, shutdown).await;
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    result.map_err(Error::from)
+}

@@ -1,0 +1,123 @@
+//! The `appset-webhook` binary: flags and environment, logging, signals; everything else is
+//! [`appset_webhook::serve`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use appset_webhook::tls::manager::TlsConfig;
+use appset_webhook::tls::material::Policy;
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// The appset injection webhook: injects the init containers and emptyDir volumes declared in
+/// PodInjections into pods at creation. Log levels come from RUST_LOG (default `info`).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve HTTPS on.
+    #[arg(long, env = "APPSET_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Name of the Secret holding the CA and serving certificate (created when absent).
+    #[arg(
+        long,
+        env = "APPSET_WEBHOOK_CERT_SECRET",
+        default_value = "appset-webhook-certs"
+    )]
+    cert_secret_name: String,
+    /// Namespace of that Secret (usually the webhook's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "appset-system")]
+    cert_secret_namespace: String,
+    /// MutatingWebhookConfiguration whose caBundle the webhook keeps current.
+    #[arg(long, env = "APPSET_WEBHOOK_CONFIGURATION")]
+    webhook_configuration: Option<String>,
+    /// Subject alternative names of the serving certificate (DNS names or IPs), comma-separated.
+    #[arg(
+        long = "san",
+        env = "APPSET_WEBHOOK_SANS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1"
+    )]
+    sans: Vec<String>,
+    /// Watch PodInjections in this namespace only.
+    #[arg(long, env = "APPSET_WEBHOOK_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Do not keep a namespace label cache (then only the webhook configuration's
+    /// namespaceSelector decides; no list/watch on namespaces is needed).
+    #[arg(long, env = "APPSET_WEBHOOK_NO_NAMESPACE_CACHE")]
+    no_namespace_cache: bool,
+    /// Lifetime of the serving certificate, in hours.
+    #[arg(long, default_value_t = 90 * 24)]
+    serving_validity_hours: u64,
+    /// How often certificates are checked, in seconds.
+    #[arg(long, default_value_t = 60)]
+    check_interval_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "APPSET_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let serving = Duration::from_secs(args.serving_validity_hours * 3600);
+    let policy = Policy {
+        sans: args.sans,
+        serving_validity: serving,
+        serving_renew_before: serving / 3,
+        ..Policy::default()
+    };
+    let config = appset_webhook::Config {
+        listen: args.listen,
+        tls: TlsConfig {
+            secret_namespace: args.cert_secret_namespace,
+            secret_name: args.cert_secret_name,
+            webhook_configuration: args.webhook_configuration,
+            policy,
+            check_interval: Duration::from_secs(args.check_interval_seconds.max(1)),
+        },
+        watch_namespace: args.watch_namespace,
+        namespace_cache: !args.no_namespace_cache,
+    };
+    let client = kube::Client::try_default().await?;
+    appset_webhook::serve(config, client, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,188 @@
+//! Prometheus metrics of the webhook, served at `/metrics`.
+//!
+//! * `appset_webhook_admission_duration_seconds`: histogram of the time from a complete request
+//!   body to the encoded response, labelled by `outcome`;
+//! * `appset_webhook_injections_total`: pods patched;
+//! * `appset_webhook_denials_total`: pods denied for a conflict;
+//! * `appset_webhook_errors_total`: requests that could not be reviewed, by `kind`
+//!   (`bad_request`, `invalid_object`, `body`);
+//! * `appset_webhook_skipped_total`: pods allowed unchanged, by `reason`.
+//!
+//! Labels are drawn from fixed sets: no pod, namespace or Secret data reaches a metric.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::admission::{Decision, Skip};
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The webhook's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    latency: Family<Labels, Histogram>,
+    injections: Counter,
+    denials: Counter,
+    errors: Family<Labels, Counter>,
+    skipped: Family<Labels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("appset_webhook");
+        let latency = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+        });
+        let injections = Counter::default();
+        let denials = Counter::default();
+        let errors = Family::<Labels, Counter>::default();
+        let skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            "admission_duration_seconds",
+            "Time to review one admission request",
+            latency.clone(),
+        );
+        registry.register(
+            "injections",
+            "Pods patched by the webhook",
+            injections.clone(),
+        );
+        registry.register(
+            "denials",
+            "Pods denied for an injection conflict",
+            denials.clone(),
+        );
+        registry.register(
+            "errors",
+            "Requests that could not be reviewed",
+            errors.clone(),
+        );
+        registry.register("skipped", "Pods allowed unchanged", skipped.clone());
+        Self {
+            registry,
+            latency,
+            injections,
+            denials,
+            errors,
+            skipped,
+        }
+    }
+
+    /// Records one reviewed request.
+    pub fn observe(&self, decision: &Decision, seconds: f64) {
+        let outcome = match decision {
+            Decision::Allow { skip, .. } => {
+                let reason = match skip {
+                    Skip::NotPodCreate => "not_pod_create",
+                    Skip::NamespaceNotEnabled => "namespace_not_enabled",
+                    Skip::OptedOut => "opted_out",
+                    Skip::NothingToDo => "nothing_to_do",
+                };
+                self.skipped.get_or_create(&vec![("reason", reason)]).inc();
+                "unchanged"
+            }
+            Decision::Inject { .. } => {
+                self.injections.inc();
+                "injected"
+            }
+            Decision::Deny { .. } => {
+                self.denials.inc();
+                "denied"
+            }
+            Decision::Invalid { .. } => {
+                self.errors
+                    .get_or_create(&vec![("kind", "invalid_object")])
+                    .inc();
+                "invalid"
+            }
+        };
+        self.latency
+            .get_or_create(&vec![("outcome", outcome)])
+            .observe(seconds);
+    }
+
+    /// Records a request that was not a reviewable AdmissionReview (`kind`: `bad_request` or
+    /// `body`).
+    pub fn error(&self, kind: &'static str, seconds: f64) {
+        self.errors.get_or_create(&vec![("kind", kind)]).inc();
+        self.latency
+            .get_or_create(&vec![("outcome", "error")])
+            .observe(seconds);
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_outcomes() {
+        let m = Metrics::new();
+        m.observe(
+            &Decision::Inject {
+                uid: "u".into(),
+                ops: vec![],
+                applied: vec![],
+                warnings: vec![],
+            },
+            0.001,
+        );
+        m.observe(
+            &Decision::Deny {
+                uid: "u".into(),
+                message: "m".into(),
+            },
+            0.001,
+        );
+        m.observe(
+            &Decision::Allow {
+                uid: "u".into(),
+                skip: Skip::OptedOut,
+            },
+            0.001,
+        );
+        m.error("bad_request", 0.0001);
+        let text = m.encode();
+        assert!(text.contains("appset_webhook_injections_total 1"), "{text}");
+        assert!(text.contains("appset_webhook_denials_total 1"), "{text}");
+        assert!(
+            text.contains("appset_webhook_errors_total{kind=\"bad_request\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appset_webhook_skipped_total{reason=\"opted_out\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "appset_webhook_admission_duration_seconds_count{outcome=\"injected\"} 1"
+            ),
+            "{text}"
+        );
+    }
+}
