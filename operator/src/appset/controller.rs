@@ -767,7 +767,13 @@ async fn reconcile_inner(set: &AppSet, ctx: &Context) -> Result<Action, Error> {
             }
         }
     });
-    bounded(jobs.collect(), burst).await?;
+    // Scale-down and failed-pod deletions go out in parallel; update deletions (at most
+    // maxUnavailable of them) one after the other, so they happen highest ordinal first.
+    let rolling = decided
+        .delete_pods
+        .iter()
+        .any(|d| d.reason == DeleteReason::Update);
+    bounded(jobs.collect(), if rolling { 1 } else { burst }).await?;
 
     let jobs = decided.create_pods.iter().map(|c| {
         let tmpl = templates.get(&c.revision).unwrap_or(&template);

@@ -1,0 +1,154 @@
+//! AppSet versus StatefulSet: time to fully Ready on the local control plane.
+//!
+//! For each scenario (100 replicas `Parallel`, then 20 replicas `OrderedReady`; one 1Gi
+//! volumeClaimTemplate each) it creates a StatefulSet, run by the cluster's own
+//! kube-controller-manager, and an AppSet of the same spec, run by the AppSet controller
+//! in-process, each in a fresh namespace, and measures the time from the create request until
+//! every pod is Running and Ready and every claim is Bound. It prints both times and their ratio.
+//!
+//! Usage: `KUBECONFIG=.cluster/kubeconfig cargo run --release -p appset-e2e --bin appset-bench`
+//! (optionally `-- <parallel replicas> <ordered replicas>`). Caveats: KWOK marks pods Ready at
+//! once, so the figures measure the controllers and the API server, not image pulls; the
+//! controller-manager throttles its client (its default `--kube-api-qps`), the in-process AppSet
+//! controller does not.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use appset_crds::AppSet;
+use appset_e2e::TestNamespace;
+use appset_operator::appset::controller::{self, Settings};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{ListParams, PostParams};
+use serde_json::{Value, json};
+
+fn spec(replicas: i32, policy: &str) -> Value {
+    json!({
+        "replicas": replicas,
+        "serviceName": "bench",
+        "podManagementPolicy": policy,
+        "selector": {"matchLabels": {"app": "bench"}},
+        "template": {
+            "metadata": {"labels": {"app": "bench"}},
+            "spec": {"containers": [{"name": "main", "image": "nginx:1.27",
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
+        },
+        "volumeClaimTemplates": [{
+            "metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        }]
+    })
+}
+
+/// Polls until `n` pods are Running and Ready and `n` claims are Bound in the namespace.
+async fn wait_all_ready(ns: &TestNamespace, n: usize, deadline: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    let pods = ns.api::<Pod>();
+    let claims = ns.api::<PersistentVolumeClaim>();
+    loop {
+        let ready = pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().is_some_and(|s| {
+                        s.phase.as_deref() == Some("Running")
+                            && s.conditions
+                                .iter()
+                                .flatten()
+                                .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+            })
+            .count();
+        let bound = claims
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+            .count();
+        if ready >= n && bound >= n {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            bail!("not ready after {deadline:?}: {ready}/{n} pods Ready, {bound}/{n} claims Bound");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn time_statefulset(replicas: i32, policy: &str) -> Result<Duration> {
+    let ns = TestNamespace::new("bench-sts").await?;
+    let sts: StatefulSet = serde_json::from_value(
+        json!({"metadata": {"name": "bench"}, "spec": spec(replicas, policy)}),
+    )?;
+    let start = Instant::now();
+    ns.api::<StatefulSet>()
+        .create(&PostParams::default(), &sts)
+        .await?;
+    wait_all_ready(&ns, replicas as usize, Duration::from_secs(900)).await?;
+    let took = start.elapsed();
+    ns.cleanup().await;
+    Ok(took)
+}
+
+async fn time_appset(replicas: i32, policy: &str) -> Result<Duration> {
+    let ns = TestNamespace::new("bench-aps").await?;
+    let mut settings = Settings::new(ns.name.clone());
+    settings.namespaces = Some(vec![ns.name.clone()]);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let client = ns.client.clone();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        controller::run(client, settings, shutdown).await
+    });
+    // Let the controller list and watch before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let set: AppSet = serde_json::from_value(json!({
+        "apiVersion": "appset.dev/v1alpha1", "kind": "AppSet",
+        "metadata": {"name": "bench"}, "spec": spec(replicas, policy)
+    }))?;
+    let start = Instant::now();
+    ns.api::<AppSet>()
+        .create(&PostParams::default(), &set)
+        .await?;
+    let result = wait_all_ready(&ns, replicas as usize, Duration::from_secs(900)).await;
+    let took = start.elapsed();
+    let _ = tx.send(());
+    match tokio::time::timeout(Duration::from_secs(10), task).await {
+        Ok(Ok(Err(err))) => eprintln!("AppSet controller: {err}"),
+        Ok(Err(err)) => eprintln!("AppSet controller task: {err}"),
+        _ => {}
+    }
+    ns.cleanup().await;
+    result?;
+    Ok(took)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args: Vec<i32> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse::<i32>().context("replica counts must be integers"))
+        .collect::<Result<_>>()?;
+    let parallel = args.first().copied().unwrap_or(100);
+    let ordered = args.get(1).copied().unwrap_or(20);
+    println!("scenario                      statefulset    appset   ratio (sts/appset)");
+    for (replicas, policy) in [(parallel, "Parallel"), (ordered, "OrderedReady")] {
+        let sts = time_statefulset(replicas, policy).await?;
+        let aps = time_appset(replicas, policy).await?;
+        println!(
+            "{:<28} {:>9.2}s {:>8.2}s   {:>5.2}",
+            format!("{replicas} replicas, {policy}"),
+            sts.as_secs_f64(),
+            aps.as_secs_f64(),
+            sts.as_secs_f64() / aps.as_secs_f64().max(1e-9)
+        );
+    }
+    Ok(())
+}
