@@ -447,26 +447,28 @@ async fn run_kind<K: Workload>(
 ) {
     let (reader, writer) = reflector::store::<K>();
     let forget = ctx.clone();
+    // The first InitDone means this kind's cache is complete. (Waiting on the store instead
+    // would compete with the controller for its one-shot readiness signal.)
+    let mut ready = Some(ready);
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .modify(strip::<K>)
         .reflect(writer)
-        .inspect_ok(move |ev| {
-            if let watcher::Event::Delete(obj) = ev {
-                forget.forget(&workload_ref(obj));
+        .inspect_ok(move |ev| match ev {
+            watcher::Event::Delete(obj) => forget.forget(&workload_ref(obj)),
+            watcher::Event::InitDone => {
+                if let Some(tx) = ready.take() {
+                    tracing::debug!(kind = K::KIND.as_str(), "workload cache synced");
+                    let _ = tx.unbounded_send(());
+                }
             }
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(
             predicates::generation.combine(predicates::annotations),
             Default::default(),
         );
-    let waiting = reader.clone();
-    tokio::spawn(async move {
-        if waiting.wait_until_ready().await.is_ok() {
-            let _ = ready.unbounded_send(());
-        }
-    });
     let triggers = triggers.map(|w| ObjectRef::<K>::new(&w.name).within(&w.namespace));
     Controller::for_stream(stream, reader)
         .reconcile_on(triggers)
@@ -503,13 +505,17 @@ where
         + Sync
         + 'static,
 {
+    let mut ready = Some(ready);
     // `Api<PartialObjectMeta<_>>` lists and watches metadata only: bodies never arrive.
     watcher(api, watcher::Config::default())
         .default_backoff()
         .filter_map(move |ev| {
             let out = match ev {
                 Ok(watcher::Event::InitDone) => {
-                    let _ = ready.unbounded_send(());
+                    if let Some(tx) = ready.take() {
+                        tracing::debug!(kind = kind.as_str(), "source metadata listed");
+                        let _ = tx.unbounded_send(());
+                    }
                     None
                 }
                 Ok(watcher::Event::Apply(m) | watcher::Event::Delete(m) | watcher::Event::InitApply(m)) => Some(m),

@@ -1,0 +1,695 @@
+//! Config rollout end to end: the controller runs in-process, scoped to each test's namespace,
+//! against the real local control plane, and the tests watch what the workloads' own controllers
+//! do (new ReplicaSets, ControllerRevisions) when ConfigMaps and Secrets change.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use appset_crds::keys;
+use appset_e2e::{TestNamespace, wait_for};
+use appset_operator::config::controller::{self, Readiness, Settings};
+use appset_operator::config::index::WorkloadKind;
+use appset_operator::config::metrics::Metrics;
+use appset_operator::config::rollout::Policy;
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const WINDOW: Duration = Duration::from_secs(1);
+const MIN_INTERVAL: Duration = Duration::from_secs(3);
+/// Long enough for a rollout that was going to happen to have happened.
+const QUIET: Duration = Duration::from_secs(6);
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The controller running in a task, scoped to one namespace.
+struct Operator {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+    metrics: Metrics,
+}
+
+impl Operator {
+    async fn start(ns: &TestNamespace) -> Result<Self> {
+        let mut settings = Settings::new(&ns.name);
+        settings.namespaces = vec![ns.name.clone()];
+        settings.policy = Policy {
+            window: WINDOW,
+            min_interval: MIN_INTERVAL,
+        };
+        let metrics = Metrics::default();
+        let readiness = Readiness::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let client = ns.client.clone();
+        let (m, r) = (metrics.clone(), readiness.clone());
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(err) = controller::run(client, settings, m, r, shutdown).await {
+                panic!("the config rollout controller failed: {err}");
+            }
+        });
+        wait_for("the controller's caches to sync", DEADLINE, || async {
+            Ok(if readiness.is_ready() {
+                Ok(())
+            } else {
+                Err("not ready".to_string())
+            })
+        })
+        .await?;
+        Ok(Self {
+            stop,
+            task,
+            metrics,
+        })
+    }
+
+    fn alive(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    fn rollouts(&self, kind: WorkloadKind) -> u64 {
+        self.metrics.rollouts.get_or_create(&kind.into()).get()
+    }
+
+    fn reconciles(&self, kind: WorkloadKind) -> u64 {
+        self.metrics.reconciles.get_or_create(&kind.into()).get()
+    }
+
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("the controller did not stop within 30s")?
+            .context("the controller task panicked")
+    }
+}
+
+fn from_json<T: DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("valid object")
+}
+
+async fn create<K>(api: &Api<K>, v: Value) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let obj: K = from_json(v);
+    api.create(&PostParams::default(), &obj)
+        .await
+        .with_context(|| format!("create {}", obj.name_any()))
+}
+
+fn pod_template(app: &str, spec: Value) -> Value {
+    let mut pod = json!({"containers": [{"name": "app", "image": "registry.invalid/app:1"}]});
+    if let (Some(p), Some(extra)) = (pod.as_object_mut(), spec.as_object()) {
+        for (k, v) in extra {
+            if k == "container" {
+                if let Some(c) = p["containers"][0].as_object_mut() {
+                    for (ck, cv) in v.as_object().into_iter().flatten() {
+                        c.insert(ck.clone(), cv.clone());
+                    }
+                }
+            } else {
+                p.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    json!({"metadata": {"labels": {"app": app}}, "spec": pod})
+}
+
+fn deployment(name: &str, annotations: Value, spec: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": pod_template(name, spec),
+        }
+    })
+}
+
+fn auto() -> Value {
+    json!({ keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_AUTO })
+}
+
+fn config_map(name: &str, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+}
+
+fn secret(name: &str, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
+}
+
+async fn merge<K>(api: &Api<K>, name: &str, patch: Value) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("patch {name}"))?;
+    Ok(())
+}
+
+/// The ReplicaSets a Deployment owns.
+async fn replica_sets(ns: &TestNamespace, deploy: &str) -> Result<Vec<ReplicaSet>> {
+    let all = ns.api::<ReplicaSet>().list(&ListParams::default()).await?;
+    Ok(all
+        .items
+        .into_iter()
+        .filter(|rs| rs.owner_references().iter().any(|o| o.name == deploy))
+        .collect())
+}
+
+async fn wait_replica_sets(ns: &TestNamespace, deploy: &str, n: usize) -> Result<()> {
+    wait_for(
+        &format!("{n} ReplicaSet(s) of {deploy}"),
+        DEADLINE,
+        || async {
+            let got = replica_sets(ns, deploy).await?.len();
+            Ok(if got == n {
+                Ok(())
+            } else {
+                Err(format!("{got} ReplicaSets"))
+            })
+        },
+    )
+    .await
+}
+
+fn annotation<K: Resource>(obj: &K, key: &str) -> Option<String> {
+    obj.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key).cloned())
+}
+
+fn template_hash(d: &Deployment) -> Option<String> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(keys::CONFIG_HASH).cloned())
+}
+
+/// Waits until the controller has recorded its baseline on the workload.
+async fn wait_adopted<K>(api: &Api<K>, name: &str) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(&format!("{name} to be adopted"), DEADLINE, || async {
+        let obj = api.get(name).await?;
+        Ok(match annotation(&obj, keys::CONFIG_HASH_OBSERVED) {
+            Some(_) => Ok(obj),
+            None => Err("no baseline yet".to_string()),
+        })
+    })
+    .await
+}
+
+async fn events_for(ns: &TestNamespace, name: &str, reason: &str) -> Result<Vec<Event>> {
+    let all = ns.api::<Event>().list(&ListParams::default()).await?;
+    Ok(all
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect())
+}
+
+async fn wait_event(ns: &TestNamespace, name: &str, reason: &str) -> Result<Event> {
+    wait_for(&format!("a {reason} Event on {name}"), DEADLINE, || async {
+        let events = events_for(ns, name, reason).await?;
+        Ok(events
+            .into_iter()
+            .next()
+            .ok_or_else(|| "none yet".to_string()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn editing_a_configmap_rolls_a_deployment() -> Result<()> {
+    let ns = TestNamespace::new("cfg-deploy").await?;
+    let op = Operator::start(&ns).await?;
+    let cms = ns.api::<ConfigMap>();
+    let deploys = ns.api::<Deployment>();
+    create(&cms, config_map("web-config", json!({"greeting": "hello"}))).await?;
+    create(
+        &deploys,
+        deployment(
+            "web",
+            auto(),
+            json!({"container": {"envFrom": [{"configMapRef": {"name": "web-config"}}]}}),
+        ),
+    )
+    .await?;
+    let adopted = wait_adopted(&deploys, "web").await?;
+    assert_eq!(
+        template_hash(&adopted),
+        None,
+        "adoption must not touch the pod template"
+    );
+    wait_replica_sets(&ns, "web", 1).await?;
+
+    merge(&cms, "web-config", json!({"data": {"greeting": "bonjour"}})).await?;
+    wait_replica_sets(&ns, "web", 2).await?;
+    let rolled = deploys.get("web").await?;
+    let hash = template_hash(&rolled).context("the pod template carries the config hash")?;
+    assert_eq!(Some(hash), annotation(&rolled, keys::CONFIG_HASH_OBSERVED));
+    let event = wait_event(&ns, "web", "ConfigChanged").await?;
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains("ConfigMap web-config"), "{note}");
+    assert!(
+        !note.contains("bonjour"),
+        "an Event must not carry data: {note}"
+    );
+    assert_eq!(op.rollouts(WorkloadKind::Deployment), 1);
+
+    // The hash is applied by appset's field manager only.
+    let managers: Vec<String> = rolled
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        managers.iter().any(|m| m == keys::FIELD_MANAGER),
+        "{managers:?}"
+    );
+    op.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn editing_a_configmap_rolls_a_statefulset_and_a_daemonset() -> Result<()> {
+    let ns = TestNamespace::new("cfg-sts-ds").await?;
+    let op = Operator::start(&ns).await?;
+    let cms = ns.api::<ConfigMap>();
+    create(&cms, config_map("shared", json!({"a.conf": "x=1"}))).await?;
+    let volume = json!({
+        "volumes": [{"name": "conf", "configMap": {"name": "shared"}}],
+        "container": {"volumeMounts": [{"name": "conf", "mountPath": "/etc/conf"}]}
+    });
+    let sts_api = ns.api::<StatefulSet>();
+    create(
+        &sts_api,
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db", "annotations": auto()},
+            "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                     "template": pod_template("db", volume.clone())}
+        }),
+    )
+    .await?;
+    let ds_api = ns.api::<DaemonSet>();
+    create(
+        &ds_api,
+        json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "agent", "annotations": auto()},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                     "template": pod_template("agent", volume)}
+        }),
+    )
+    .await?;
+    wait_adopted(&sts_api, "db").await?;
+    wait_adopted(&ds_api, "agent").await?;
+    let revisions = |owner: &'static str| {
+        let api = ns.api::<ControllerRevision>();
+        async move {
+            let list = api.list(&ListParams::default()).await?;
+            Ok::<usize, anyhow::Error>(
+                list.items
+                    .iter()
+                    .filter(|r| r.owner_references().iter().any(|o| o.name == owner))
+                    .count(),
+            )
+        }
+    };
+    for owner in ["db", "agent"] {
+        wait_for(
+            &format!("the first revision of {owner}"),
+            DEADLINE,
+            || async {
+                let n = revisions(owner).await?;
+                Ok(if n == 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} revisions"))
+                })
+            },
+        )
+        .await?;
+    }
+
+    merge(&cms, "shared", json!({"data": {"a.conf": "x=2"}})).await?;
+    for owner in ["db", "agent"] {
+        wait_for(
+            &format!("a second revision of {owner}"),
+            DEADLINE,
+            || async {
+                let n = revisions(owner).await?;
+                Ok(if n == 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} revisions"))
+                })
+            },
+        )
+        .await?;
+    }
+    let sts = sts_api.get("db").await?;
+    let ds = ds_api.get("agent").await?;
+    let sts_hash = sts
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(keys::CONFIG_HASH));
+    let ds_hash = ds
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(keys::CONFIG_HASH));
+    assert!(sts_hash.is_some() && ds_hash.is_some());
+    assert_eq!(op.rollouts(WorkloadKind::StatefulSet), 1);
+    assert_eq!(op.rollouts(WorkloadKind::DaemonSet), 1);
+    op.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn editing_a_secret_rolls_only_for_the_keys_used() -> Result<()> {
+    let ns = TestNamespace::new("cfg-secret").await?;
+    let op = Operator::start(&ns).await?;
+    let secrets = ns.api::<Secret>();
+    let deploys = ns.api::<Deployment>();
+    create(
+        &secrets,
+        secret("db-creds", json!({"password": "s3cret-one", "unused": "a"})),
+    )
+    .await?;
+    create(
+        &deploys,
+        deployment(
+            "api",
+            auto(),
+            json!({"container": {"env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db-creds", "key": "password"}}}]}}),
+        ),
+    )
+    .await?;
+    let adopted = wait_adopted(&deploys, "api").await?;
+    let baseline = annotation(&adopted, keys::CONFIG_HASH_OBSERVED).unwrap_or_default();
+    assert!(
+        !baseline.contains("s3cret"),
+        "the digest must not reveal the value"
+    );
+    wait_replica_sets(&ns, "api", 1).await?;
+
+    // A key the pod does not use: no rollout.
+    merge(&secrets, "db-creds", json!({"stringData": {"unused": "b"}})).await?;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        replica_sets(&ns, "api").await?.len(),
+        1,
+        "an unused key rolled the Deployment"
+    );
+
+    merge(
+        &secrets,
+        "db-creds",
+        json!({"stringData": {"password": "s3cret-two"}}),
+    )
+    .await?;
+    wait_replica_sets(&ns, "api", 2).await?;
+    let event = wait_event(&ns, "api", "ConfigChanged").await?;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("Secret db-creds") && !note.contains("s3cret"),
+        "{note}"
+    );
+    assert_eq!(op.rollouts(WorkloadKind::Deployment), 1);
+    op.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn editing_two_sources_at_once_gives_one_new_replicaset() -> Result<()> {
+    let ns = TestNamespace::new("cfg-burst").await?;
+    let op = Operator::start(&ns).await?;
+    let cms = ns.api::<ConfigMap>();
+    let secrets = ns.api::<Secret>();
+    let deploys = ns.api::<Deployment>();
+    create(&cms, config_map("settings", json!({"mode": "a"}))).await?;
+    create(&secrets, secret("token", json!({"token": "t1"}))).await?;
+    create(
+        &deploys,
+        deployment(
+            "worker",
+            auto(),
+            json!({
+                "container": {"envFrom": [{"configMapRef": {"name": "settings"}}]},
+                "volumes": [{"name": "tok", "projected": {"sources": [{"secret": {"name": "token"}}]}}]
+            }),
+        ),
+    )
+    .await?;
+    wait_adopted(&deploys, "worker").await?;
+    wait_replica_sets(&ns, "worker", 1).await?;
+
+    merge(&cms, "settings", json!({"data": {"mode": "b"}})).await?;
+    merge(&secrets, "token", json!({"stringData": {"token": "t2"}})).await?;
+    merge(&cms, "settings", json!({"data": {"mode": "c"}})).await?;
+    wait_replica_sets(&ns, "worker", 2).await?;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        replica_sets(&ns, "worker").await?.len(),
+        2,
+        "a burst of changes gave more than one rollout"
+    );
+    assert_eq!(op.rollouts(WorkloadKind::Deployment), 1);
+    let note = wait_event(&ns, "worker", "ConfigChanged")
+        .await?
+        .note
+        .unwrap_or_default();
+    assert!(
+        note.contains("ConfigMap settings") && note.contains("Secret token"),
+        "{note}"
+    );
+    op.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn restarting_the_operator_rolls_nothing() -> Result<()> {
+    let ns = TestNamespace::new("cfg-restart").await?;
+    let cms = ns.api::<ConfigMap>();
+    let deploys = ns.api::<Deployment>();
+    create(&cms, config_map("app", json!({"k": "v"}))).await?;
+    create(
+        &deploys,
+        deployment("app", auto(), json!({"container": {"env": [{"name": "K", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "k"}}}]}})),
+    )
+    .await?;
+    let first = Operator::start(&ns).await?;
+    let adopted = wait_adopted(&deploys, "app").await?;
+    wait_replica_sets(&ns, "app", 1).await?;
+    first.stop().await?;
+
+    let second = Operator::start(&ns).await?;
+    wait_for(
+        "the restarted controller to reconcile the Deployment",
+        DEADLINE,
+        || async {
+            let n = second.reconciles(WorkloadKind::Deployment);
+            Ok(if n > 0 {
+                Ok(())
+            } else {
+                Err("no reconcile yet".to_string())
+            })
+        },
+    )
+    .await?;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        replica_sets(&ns, "app").await?.len(),
+        1,
+        "a restart rolled the Deployment"
+    );
+    let after = deploys.get("app").await?;
+    assert_eq!(template_hash(&after), None);
+    assert_eq!(
+        annotation(&after, keys::CONFIG_HASH_OBSERVED),
+        annotation(&adopted, keys::CONFIG_HASH_OBSERVED),
+        "the same key and data give the same baseline"
+    );
+    assert_eq!(second.rollouts(WorkloadKind::Deployment), 0);
+    second.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_label_change_on_a_source_rolls_nothing() -> Result<()> {
+    let ns = TestNamespace::new("cfg-labels").await?;
+    let op = Operator::start(&ns).await?;
+    let cms = ns.api::<ConfigMap>();
+    let deploys = ns.api::<Deployment>();
+    create(&cms, config_map("labelled", json!({"k": "v"}))).await?;
+    create(
+        &deploys,
+        deployment(
+            "svc",
+            auto(),
+            json!({"container": {"envFrom": [{"configMapRef": {"name": "labelled"}}]}}),
+        ),
+    )
+    .await?;
+    wait_adopted(&deploys, "svc").await?;
+    wait_replica_sets(&ns, "svc", 1).await?;
+    let before = op.reconciles(WorkloadKind::Deployment);
+
+    merge(
+        &cms,
+        "labelled",
+        json!({"metadata": {"labels": {"team": "blue"}, "annotations": {"note": "relabelled"}}}),
+    )
+    .await?;
+    wait_for(
+        "the source change to trigger a reconcile",
+        DEADLINE,
+        || async {
+            let n = op.reconciles(WorkloadKind::Deployment);
+            Ok(if n > before {
+                Ok(())
+            } else {
+                Err(format!("{n} reconciles"))
+            })
+        },
+    )
+    .await?;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        replica_sets(&ns, "svc").await?.len(),
+        1,
+        "a label change rolled the Deployment"
+    );
+    assert_eq!(op.rollouts(WorkloadKind::Deployment), 0);
+    op.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_workload_without_the_annotation_is_never_touched() -> Result<()> {
+    let ns = TestNamespace::new("cfg-optout").await?;
+    let op = Operator::start(&ns).await?;
+    let cms = ns.api::<ConfigMap>();
+    let deploys = ns.api::<Deployment>();
+    create(&cms, config_map("plain", json!({"k": "v"}))).await?;
+    create(
+        &deploys,
+        deployment(
+            "untouched",
+            json!({}),
+            json!({"container": {"envFrom": [{"configMapRef": {"name": "plain"}}]}}),
+        ),
+    )
+    .await?;
+    // An opted-in neighbour proves the controller is at work in this namespace.
+    create(
+        &deploys,
+        deployment(
+            "neighbour",
+            auto(),
+            json!({"container": {"envFrom": [{"configMapRef": {"name": "plain"}}]}}),
+        ),
+    )
+    .await?;
+    wait_adopted(&deploys, "neighbour").await?;
+    wait_replica_sets(&ns, "untouched", 1).await?;
+    merge(&cms, "plain", json!({"data": {"k": "changed"}})).await?;
+    wait_replica_sets(&ns, "neighbour", 2).await?;
+    tokio::time::sleep(QUIET).await;
+
+    let d = deploys.get("untouched").await?;
+    assert_eq!(replica_sets(&ns, "untouched").await?.len(), 1);
+    assert_eq!(annotation(&d, keys::CONFIG_HASH_OBSERVED), None);
+    assert_eq!(template_hash(&d), None);
+    let managers: Vec<String> = d
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        !managers.iter().any(|m| m == keys::FIELD_MANAGER),
+        "{managers:?}"
+    );
+    op.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_required_source_gives_an_event_and_no_crash() -> Result<()> {
+    let ns = TestNamespace::new("cfg-missing").await?;
+    let op = Operator::start(&ns).await?;
+    let deploys = ns.api::<Deployment>();
+    let annotations: BTreeMap<&str, &str> =
+        BTreeMap::from([(keys::CONFIG_ROLLOUT, keys::CONFIG_ROLLOUT_AUTO)]);
+    create(
+        &deploys,
+        deployment(
+            "needs-secret",
+            json!(annotations),
+            json!({"container": {"envFrom": [
+                {"secretRef": {"name": "not-there"}},
+                {"configMapRef": {"name": "optional-absent", "optional": true}}
+            ]}}),
+        ),
+    )
+    .await?;
+    let event = wait_event(&ns, "needs-secret", "MissingConfigSource").await?;
+    let note = event.note.unwrap_or_default();
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(note.contains("Secret not-there"), "{note}");
+    assert!(
+        !note.contains("optional-absent"),
+        "an optional source is not required: {note}"
+    );
+    let d = deploys.get("needs-secret").await?;
+    assert_eq!(
+        annotation(&d, keys::CONFIG_HASH_OBSERVED),
+        None,
+        "no baseline while blocked"
+    );
+    assert!(op.alive(), "the controller must survive a missing source");
+
+    // Creating the Secret unblocks: the workload is adopted, not rolled.
+    create(&ns.api::<Secret>(), secret("not-there", json!({"k": "v"}))).await?;
+    let adopted = wait_adopted(&deploys, "needs-secret").await?;
+    assert_eq!(template_hash(&adopted), None);
+    assert_eq!(op.rollouts(WorkloadKind::Deployment), 0);
+    op.stop().await?;
+    ns.cleanup().await;
+    Ok(())
+}
