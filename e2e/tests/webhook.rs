@@ -1,0 +1,682 @@
+//! The injection webhook against the real local control plane.
+//!
+//! Each test runs `appset_webhook::serve_on` in-process on `127.0.0.1:<free port>`, watching only
+//! its own namespace and keeping its certificates in a Secret there, and creates a
+//! MutatingWebhookConfiguration of its own (named after the namespace, selecting only that
+//! namespace by `kubernetes.io/metadata.name`, `failurePolicy: Fail`) whose `caBundle` the webhook
+//! fills in itself. The API server then calls the webhook over TLS for every pod created in the
+//! namespace. The configuration is deleted at the end.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use appset_crds::{AppSet, PodInjection, keys};
+use appset_e2e::{TestNamespace, wait_for};
+use appset_operator::appset::controller;
+use appset_webhook::tls::manager::TlsConfig;
+use appset_webhook::tls::material::Policy;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+const CERT_SECRET: &str = "appset-webhook-certs";
+
+/// A webhook running in the test process, and its configuration in the cluster.
+struct Webhook {
+    configs: Api<MutatingWebhookConfiguration>,
+    name: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), appset_webhook::Error>>,
+}
+
+impl Webhook {
+    /// Creates the configuration and starts the webhook; returns once the `caBundle` is set.
+    async fn start(ns: &TestNamespace, policy: Policy, check_interval: Duration) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let name = format!("appset-webhook-{}", ns.name);
+        let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
+        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
+            "webhooks": [{
+                "name": "inject.appset.dev",
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "reinvocationPolicy": "IfNeeded",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 10
+            }]
+        }))?;
+        configs
+            .create(&PostParams::default(), &mwc)
+            .await
+            .context("create the MutatingWebhookConfiguration")?;
+        let config = appset_webhook::Config {
+            listen: listener.local_addr()?,
+            tls: TlsConfig {
+                secret_namespace: ns.name.clone(),
+                secret_name: CERT_SECRET.into(),
+                webhook_configuration: Some(name.clone()),
+                policy,
+                check_interval,
+            },
+            watch_namespace: Some(ns.name.clone()),
+            namespace_cache: true,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let client = ns.client.clone();
+        let task = tokio::spawn(appset_webhook::serve_on(
+            listener,
+            config,
+            client,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let webhook = Self {
+            configs: configs.clone(),
+            name: name.clone(),
+            stop: Some(tx),
+            task,
+        };
+        wait_for(
+            "the caBundle to be published",
+            Duration::from_secs(30),
+            || {
+                let configs = configs.clone();
+                let name = name.clone();
+                async move {
+                    let c = configs.get(&name).await?;
+                    let set = c
+                        .webhooks
+                        .iter()
+                        .flatten()
+                        .all(|w| w.client_config.ca_bundle.is_some());
+                    Ok(if set {
+                        Ok(())
+                    } else {
+                        Err("caBundle empty".to_string())
+                    })
+                }
+            },
+        )
+        .await?;
+        Ok(webhook)
+    }
+
+    /// Stops the webhook and deletes its configuration.
+    async fn stop(mut self) -> Result<()> {
+        if let Err(e) = self
+            .configs
+            .delete(&self.name, &DeleteParams::default())
+            .await
+        {
+            eprintln!("cannot delete {}: {e}", self.name);
+        }
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
+            .await
+            .context("the webhook did not stop")???;
+        Ok(())
+    }
+}
+
+fn quick_policy() -> Policy {
+    Policy::default()
+}
+
+fn git_content() -> Result<PodInjection> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "appset.dev/v1alpha1",
+        "kind": "PodInjection",
+        "metadata": {"name": "git-content"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "initContainers": [{
+                "name": "git-clone",
+                "image": "alpine/git:2.47.2",
+                "args": ["clone", "--depth=1", "https://github.com/appset-dev/example-site.git", "/content"],
+                "volumeMounts": [{"name": "content", "mountPath": "/content"}]
+            }],
+            "volumes": [{"name": "content", "emptyDir": {"sizeLimit": "64Mi"}}],
+            "volumeMounts": [{"name": "content", "mountPath": "/usr/share/nginx/html", "readOnly": true}]
+        }
+    }))?)
+}
+
+fn nginx_pod(name: &str) -> Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "nginx", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}]}
+    }))?)
+}
+
+fn is_injected(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(keys::INJECTED))
+}
+
+/// Describes the injection-relevant parts of a pod, for failure messages.
+fn describe(pod: &Pod) -> String {
+    let spec = pod.spec.clone().unwrap_or_default();
+    format!(
+        "init={:?} volumes={:?} mounts={:?} injected={:?}",
+        spec.init_containers
+            .iter()
+            .flatten()
+            .map(|c| &c.name)
+            .collect::<Vec<_>>(),
+        spec.volumes
+            .iter()
+            .flatten()
+            .map(|v| &v.name)
+            .collect::<Vec<_>>(),
+        spec.containers
+            .iter()
+            .map(|c| c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| &m.mount_path)
+                .collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(keys::INJECTED)),
+    )
+}
+
+/// Waits until the API server calls the webhook (its configuration is picked up
+/// asynchronously): dry-run creates of `pod` until one comes back injected.
+async fn wait_injecting(ns: &TestNamespace, pod: &Pod) -> Result<()> {
+    let pods = ns.api::<Pod>();
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait_for(
+        "the API server to call the webhook",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            let dry = dry.clone();
+            async move {
+                let p = pods.create(&dry, pod).await?;
+                Ok(if is_injected(&p) {
+                    Ok(())
+                } else {
+                    Err(describe(&p))
+                })
+            }
+        },
+    )
+    .await
+}
+
+fn assert_git_content(pod: &Pod) -> Result<()> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let init = spec.init_containers.unwrap_or_default();
+    ensure!(
+        init.first().map(|c| c.name.as_str()) == Some("git-clone"),
+        "no git-clone init container first: {}",
+        describe(pod)
+    );
+    ensure!(
+        init[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "content" && m.mount_path == "/content"),
+        "the init container lost its own mount: {}",
+        describe(pod)
+    );
+    let vol = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "content")
+        .with_context(|| format!("no content volume: {}", describe(pod)))?;
+    ensure!(
+        vol.empty_dir
+            .as_ref()
+            .and_then(|e| e.size_limit.as_ref())
+            .map(|q| q.0.as_str())
+            == Some("64Mi"),
+        "content is not the declared emptyDir: {vol:?}"
+    );
+    let nginx = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "nginx")
+        .context("no nginx container")?;
+    ensure!(
+        nginx
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "content"
+                && m.mount_path == "/usr/share/nginx/html"
+                && m.read_only == Some(true)),
+        "nginx lacks the read-only content mount: {}",
+        describe(pod)
+    );
+    let recorded = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(keys::INJECTED))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        recorded == "git-content@1",
+        "injected annotation is {recorded:?}"
+    );
+    Ok(())
+}
+
+async fn enabled_namespace(prefix: &str) -> Result<TestNamespace> {
+    TestNamespace::with_labels(
+        prefix,
+        &[(keys::INJECTION_NAMESPACE_LABEL, keys::INJECTION_ENABLED)],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn nginx_with_git_content_is_injected_and_opt_out_is_honoured() -> Result<()> {
+    let ns = enabled_namespace("wh-nginx").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let webhook = Webhook::start(&ns, quick_policy(), Duration::from_secs(30)).await?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let pods = ns.api::<Pod>();
+        let created = pods
+            .create(&PostParams::default(), &nginx_pod("web")?)
+            .await?;
+        assert_git_content(&created)?;
+        // What is stored is what was admitted, and KWOK runs it.
+        let stored = pods.get("web").await?;
+        assert_git_content(&stored)?;
+        wait_for("the pod to run", Duration::from_secs(60), || {
+            let pods = pods.clone();
+            async move {
+                let p = pods.get("web").await?;
+                let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
+                Ok(if phase == "Running" {
+                    Ok(())
+                } else {
+                    Err(phase)
+                })
+            }
+        })
+        .await?;
+
+        let mut opted_out = nginx_pod("opted-out")?;
+        opted_out.metadata.annotations = Some(
+            [(
+                keys::INJECTION_POD_OPT_OUT.to_string(),
+                keys::INJECTION_DISABLED.to_string(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let created = pods.create(&PostParams::default(), &opted_out).await?;
+        ensure!(
+            !is_injected(&created),
+            "opted-out pod was injected: {}",
+            describe(&created)
+        );
+        ensure!(
+            created
+                .spec
+                .and_then(|s| s.init_containers)
+                .unwrap_or_default()
+                .is_empty(),
+            "opted-out pod got init containers"
+        );
+        // A pod the selector does not match is untouched.
+        let mut other = nginx_pod("other")?;
+        other.metadata.labels = Some(
+            [("app".to_string(), "api".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        let created = pods.create(&PostParams::default(), &other).await?;
+        ensure!(
+            !is_injected(&created),
+            "unselected pod was injected: {}",
+            describe(&created)
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pod_in_an_unlabelled_namespace_is_untouched() -> Result<()> {
+    // The configuration sends this namespace's pods to the webhook whatever its labels, so this
+    // checks the webhook's own namespace check: first the label is on and pods are injected,
+    // then it is removed and the next pod is left alone.
+    let ns = enabled_namespace("wh-unlabelled").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let webhook = Webhook::start(&ns, quick_policy(), Duration::from_secs(30)).await?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let namespaces: Api<Namespace> = Api::all(ns.client.clone());
+        let unlabel = json!({"metadata": {"labels": {keys::INJECTION_NAMESPACE_LABEL: null}}});
+        namespaces
+            .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&unlabel))
+            .await?;
+        let pods = ns.api::<Pod>();
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait_for(
+            "the webhook to see the label removed",
+            Duration::from_secs(30),
+            || {
+                let pods = pods.clone();
+                let dry = dry.clone();
+                async move {
+                    let p = pods.create(&dry, &nginx_pod("probe")?).await?;
+                    Ok(if is_injected(&p) {
+                        Err(describe(&p))
+                    } else {
+                        Ok(())
+                    })
+                }
+            },
+        )
+        .await?;
+        let created = pods
+            .create(&PostParams::default(), &nginx_pod("web")?)
+            .await?;
+        ensure!(
+            !is_injected(&created),
+            "pod injected in an unlabelled namespace: {}",
+            describe(&created)
+        );
+        let spec = created.spec.unwrap_or_default();
+        ensure!(
+            spec.init_containers.unwrap_or_default().is_empty(),
+            "init containers added"
+        );
+        ensure!(
+            spec.volumes.iter().flatten().all(|v| v.name != "content"),
+            "volume added"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn conflicting_pod_is_denied_with_a_message_naming_both_sides() -> Result<()> {
+    let ns = enabled_namespace("wh-conflict").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let webhook = Webhook::start(&ns, quick_policy(), Duration::from_secs(30)).await?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {
+                "containers": [{"name": "nginx", "image": "nginx:1.27",
+                    "volumeMounts": [{"name": "site", "mountPath": "/usr/share/nginx/html"}]}],
+                "volumes": [{"name": "site", "emptyDir": {}}, {"name": "content", "configMap": {"name": "site"}}]
+            }
+        }))?;
+        let err = match ns.api::<Pod>().create(&PostParams::default(), &pod).await {
+            Ok(p) => bail!("the conflicting pod was admitted: {}", describe(&p)),
+            Err(kube::Error::Api(s)) => s,
+            Err(e) => return Err(e.into()),
+        };
+        let msg = err.message.clone();
+        ensure!(err.code == 403, "expected 403, got {}: {msg}", err.code);
+        for part in [
+            "denied the request",
+            "volume \"content\" of PodInjection \"git-content\" differs from volume \"content\" of the pod",
+            "mount of volume \"content\" at \"/usr/share/nginx/html\" in container \"nginx\" by PodInjection \"git-content\" differs from the mount of volume \"site\" at that path by the pod",
+        ] {
+            ensure!(msg.contains(part), "message lacks {part:?}: {msg}");
+        }
+        ensure!(
+            ns.api::<Pod>().get_opt("web").await?.is_none(),
+            "a denied pod exists"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pods_of_a_deployment_are_injected() -> Result<()> {
+    let ns = enabled_namespace("wh-deploy").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let webhook = Webhook::start(&ns, quick_policy(), Duration::from_secs(30)).await?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let deploy: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 3,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "nginx", "image": "nginx:1.27"}]}
+                }
+            }
+        }))?;
+        ns.api::<Deployment>()
+            .create(&PostParams::default(), &deploy)
+            .await?;
+        let pods = ns.api::<Pod>();
+        let found = wait_for("3 pods of the Deployment", Duration::from_secs(60), || {
+            let pods = pods.clone();
+            async move {
+                let list = pods.list(&ListParams::default().labels("app=web")).await?;
+                let owned: Vec<Pod> = list
+                    .items
+                    .into_iter()
+                    .filter(|p| {
+                        p.metadata
+                            .owner_references
+                            .as_ref()
+                            .is_some_and(|o| !o.is_empty())
+                    })
+                    .collect();
+                Ok(if owned.len() == 3 {
+                    Ok(owned)
+                } else {
+                    Err(format!("{} pods", owned.len()))
+                })
+            }
+        })
+        .await?;
+        for p in &found {
+            assert_git_content(p)?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pods_of_an_appset_are_injected() -> Result<()> {
+    let ns = enabled_namespace("wh-appset").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let webhook = Webhook::start(&ns, quick_policy(), Duration::from_secs(30)).await?;
+    let mut settings = controller::Settings::new(ns.name.clone());
+    settings.namespaces = Some(vec![ns.name.clone()]);
+    let (ctl_stop, ctl_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = ns.client.clone();
+    let ctl = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = ctl_rx.await;
+        };
+        if let Err(e) = controller::run(client, settings, shutdown).await {
+            eprintln!("AppSet controller failed: {e}");
+        }
+    });
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let set: AppSet = serde_json::from_value(json!({
+            "apiVersion": "appset.dev/v1alpha1", "kind": "AppSet",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2,
+                "serviceName": "web",
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "nginx", "image": "nginx:1.27",
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
+                },
+                "volumeClaimTemplates": [{
+                    "metadata": {"name": "data"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+                }]
+            }
+        }))?;
+        ns.api::<AppSet>().create(&PostParams::default(), &set).await?;
+        let pods = ns.api::<Pod>();
+        let found = wait_for("pods web-0 and web-1", Duration::from_secs(60), || {
+            let pods = pods.clone();
+            async move {
+                let mut got = Vec::new();
+                for name in ["web-0", "web-1"] {
+                    if let Some(p) = pods.get_opt(name).await? {
+                        got.push(p);
+                    }
+                }
+                Ok(if got.len() == 2 { Ok(got) } else { Err(format!("{} of 2 pods", got.len())) })
+            }
+        })
+        .await?;
+        for p in &found {
+            assert_git_content(p)?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = ctl_stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), ctl).await;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+/// Reads the certificates in the Secret: (CA PEM, serving PEM).
+async fn current_certs(secrets: &Api<Secret>) -> Result<(String, String)> {
+    let s = secrets.get(CERT_SECRET).await?;
+    let data = s.data.unwrap_or_default();
+    let get = |k: &str| {
+        data.get(k)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    Ok((get("ca.crt"), get("tls.crt")))
+}
+
+#[tokio::test]
+async fn certificate_rotation_during_a_stream_of_pods_loses_no_admission() -> Result<()> {
+    let ns = enabled_namespace("wh-rotate").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    // Short lifetimes so that the serving certificate is renewed every few seconds and the CA
+    // rotates once during the stream.
+    let policy = Policy {
+        sans: vec!["127.0.0.1".into()],
+        ca_validity: Duration::from_secs(24),
+        ca_renew_before: Duration::from_secs(14),
+        serving_validity: Duration::from_secs(6),
+        serving_renew_before: Duration::from_secs(3),
+        promote_after: Duration::from_secs(3),
+    };
+    let webhook = Webhook::start(&ns, policy, Duration::from_millis(300)).await?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let pods = ns.api::<Pod>();
+        let secrets = ns.api::<Secret>();
+        let mut cas = BTreeSet::new();
+        let mut servings = BTreeSet::new();
+        let start = Instant::now();
+        let mut created = 0usize;
+        // Bounded: at most 400 pods or 30 seconds.
+        while start.elapsed() < Duration::from_secs(30) && created < 400 {
+            let (ca, serving) = current_certs(&secrets).await?;
+            cas.insert(ca);
+            servings.insert(serving);
+            let name = format!("web-{created}");
+            let pod = pods
+                .create(&PostParams::default(), &nginx_pod(&name)?)
+                .await
+                .with_context(|| {
+                    format!("pod {name} was not admitted after {:?}", start.elapsed())
+                })?;
+            assert_git_content(&pod).with_context(|| format!("pod {name}"))?;
+            created += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "created {created} pods in {:?}; saw {} CAs and {} serving certificates",
+            start.elapsed(),
+            cas.len(),
+            servings.len()
+        );
+        ensure!(cas.len() >= 2, "the CA never rotated during the stream");
+        ensure!(
+            servings.len() >= 4,
+            "the serving certificate was renewed only {} times",
+            servings.len() - 1
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
