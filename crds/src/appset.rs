@@ -81,11 +81,13 @@ pub struct AppSetSpec {
 
     /// A label query over pods that must match the template's labels. Immutable in StatefulSet;
     /// in an AppSet it must at least select the template's labels.
+    #[schemars(transform = bound_selector_labels)]
     pub selector: LabelSelector,
 
     /// The pod template. Pods are named `<set>-<ordinal>`, get `hostname` and `subdomain` for
     /// stable DNS, and carry the labels `appset.dev/pod-name`, `apps.kubernetes.io/pod-index` and
     /// `controller-revision-hash`.
+    #[schemars(transform = bound_template_labels)]
     pub template: PodTemplateSpec,
 
     /// Claims that every pod gets, one per replica per template, named
@@ -93,6 +95,7 @@ pub struct AppSetSpec {
     /// claims of that name are adopted, so a StatefulSet's data moves over. Raising
     /// `resources.requests.storage` expands every existing claim when its StorageClass allows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub volume_claim_templates: Vec<PersistentVolumeClaim>,
 
     /// The headless Service that gives the pods their DNS names (`<pod>.<serviceName>`).
@@ -143,6 +146,43 @@ pub struct AppSetSpec {
     #[serde(default = "default_progress_deadline")]
     #[schemars(range(min = 1))]
     pub progress_deadline_seconds: i32,
+}
+
+/// Kubernetes allows at most 63 characters in a label value and 317 in a key (a 253-character
+/// prefix, `/`, a 63-character name). Bounding the label maps lets the API server's CEL cost
+/// estimator accept the selector rule above.
+const MAX_LABELS: u64 = 64;
+
+fn bound_label_map(map: &mut schemars::Schema) {
+    map.insert("maxProperties".into(), MAX_LABELS.into());
+    if let Some(values) = map
+        .get_mut("additionalProperties")
+        .and_then(|v| v.as_object_mut())
+    {
+        values.insert("maxLength".into(), 63.into());
+    }
+}
+
+fn bound_selector_labels(schema: &mut schemars::Schema) {
+    if let Some(ml) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("matchLabels"))
+        .and_then(|m| <&mut schemars::Schema>::try_from(m).ok())
+    {
+        bound_label_map(ml);
+    }
+}
+
+fn bound_template_labels(schema: &mut schemars::Schema) {
+    if let Some(labels) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("metadata"))
+        .and_then(|m| m.get_mut("properties"))
+        .and_then(|p| p.get_mut("labels"))
+        .and_then(|m| <&mut schemars::Schema>::try_from(m).ok())
+    {
+        bound_label_map(labels);
+    }
 }
 
 fn default_replicas() -> i32 {

@@ -40,9 +40,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[x_kube(
-    validation = Rule::new("self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))").message("every spec.volumeMounts[].name must name a volume in spec.volumes").field_path(".volumeMounts"),
-    validation = Rule::new("self.volumes.all(v, self.volumes.exists_one(w, w.name == v.name))").message("spec.volumes names must be unique").field_path(".volumes"),
-    validation = Rule::new("self.initContainers.all(c, self.initContainers.exists_one(d, d.name == c.name))").message("spec.initContainers names must be unique").field_path(".initContainers")
+    validation = Rule::new("self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))").message("every spec.volumeMounts[].name must name a volume in spec.volumes").field_path(".volumeMounts")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PodInjectionSpec {
@@ -55,14 +53,14 @@ pub struct PodInjectionSpec {
     #[serde(default)]
     pub init_container_placement: InitContainerPlacement,
 
-    /// Init containers to add, full container specs.
+    /// Init containers to add, full container specs. Names are unique.
     #[serde(default)]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub init_containers: Vec<Container>,
 
-    /// emptyDir volumes to add. No other volume source is accepted.
+    /// emptyDir volumes to add. No other volume source is accepted. Names are unique.
     #[serde(default)]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub volumes: Vec<InjectedVolume>,
 
     /// Where the injected volumes are mounted in the pod's own containers.
@@ -101,8 +99,10 @@ pub struct InjectedVolume {
 #[serde(rename_all = "camelCase")]
 pub struct InjectedVolumeMount {
     /// The name of a volume in `spec.volumes`.
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Where the volume appears in the container; an absolute path.
+    #[schemars(length(min = 1, max = 4096))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.volumeMounts[].mountPath must be an absolute path"))]
     pub mount_path: String,
     /// A path within the volume to mount instead of its root.
@@ -115,5 +115,6 @@ pub struct InjectedVolumeMount {
     /// container. Init containers of the pod itself are never mounted into; injected init
     /// containers declare their own mounts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub containers: Vec<String>,
 }

@@ -415,14 +415,17 @@ fn cel_checks_podinjection_mounts_and_names() {
     rel["spec"]["volumeMounts"][0]["mountPath"] = json!("data");
     let errs = cel_errors(&PodInjection::crd(), &rel);
     assert!(errs.iter().any(|e| e.contains("absolute path")), "{errs:?}");
-    let mut dup = base;
-    dup["spec"]["volumes"] =
-        json!([{"name": "content", "emptyDir": {}}, {"name": "content", "emptyDir": {}}]);
-    let errs = cel_errors(&PodInjection::crd(), &dup);
-    assert!(
-        errs.iter().any(|e| e.contains("must be unique")),
-        "{errs:?}"
-    );
+    // Name uniqueness is enforced by the API server through list-type map (see the e2e suite).
+    let root = schema(&PodInjection::crd());
+    for list in ["volumes", "initContainers"] {
+        let node = &root["properties"]["spec"]["properties"][list];
+        assert_eq!(node["x-kubernetes-list-type"], json!("map"), "{list}");
+        assert_eq!(
+            node["x-kubernetes-list-map-keys"],
+            json!(["name"]),
+            "{list}"
+        );
+    }
 }
 
 #[test]

@@ -20,6 +20,9 @@ base="${APPSET_PORT_BASE:-16440}"
 api_port=$((base + 3)) etcd_port=$((base + 4)) etcd_peer=$((base + 5)) sched_port=$((base + 6)) kwok_port=$((base + 7))
 mkdir -p "$state"/{pki,logs,pids,etcd}
 kubeconfig="$state/kubeconfig"
+# One `up` at a time per state directory; a second caller waits and then finds the cluster up.
+exec 8>"$state.lock"
+flock 8
 
 log() { echo "[up] $*" >&2; }
 
@@ -81,7 +84,7 @@ EOF
   start() { # NAME ARGS...: start a component in its own session, remember its pid
     local name="$1"
     shift
-    setsid "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
+    setsid "$@" >"$state/logs/$name.log" 2>&1 </dev/null 8>&- 9>&- &
     echo $! >"$state/pids/$name"
   }
   wait_for() { # DESCRIPTION SECONDS COMMAND...
@@ -89,6 +92,13 @@ EOF
     shift 2
     for ((i = 0; i < secs * 4; i++)); do
       "$@" >/dev/null 2>&1 && return 0
+      for c in "$state"/pids/*; do # a component that exited will not come back: fail now
+        if ! kill -0 "$(cat "$c")" 2>/dev/null; then
+          log "$(basename "$c") exited; last lines of $state/logs/$(basename "$c").log:"
+          tail -5 "$state/logs/$(basename "$c").log" >&2
+          return 1
+        fi
+      done
       sleep 0.25
     done
     log "timed out waiting for $what; logs in $state/logs"
@@ -111,7 +121,7 @@ EOF
     --service-account-issuer "https://127.0.0.1:$api_port" --service-account-key-file "$pki/sa.pub" \
     --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range 10.96.0.0/16 \
     --allow-privileged=true --enable-priority-and-fairness=false --profiling=false \
-    --api-audiences "https://127.0.0.1:$api_port"
+    --api-audiences "https://127.0.0.1:$api_port" --endpoint-reconciler-type none
   wait_for kube-apiserver 120 kubectl --kubeconfig "$kubeconfig" get --raw /readyz
 
   log "starting kube-controller-manager, kube-scheduler, kwok"
@@ -121,7 +131,7 @@ EOF
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
     --bind-address 127.0.0.1 --secure-port 0 --enable-hostpath-provisioner=true \
-    --controllers '*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route' \
+    --controllers '*' \
     --concurrent-deployment-syncs 10 --concurrent-statefulset-syncs 10 --profiling=false
   start kube-scheduler kube-scheduler --kubeconfig "$kubeconfig" \
     --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
