@@ -4,7 +4,8 @@
 //! volumeClaimTemplate each) it creates a StatefulSet, run by the cluster's own
 //! kube-controller-manager, and an AppSet of the same spec, run by the AppSet controller
 //! in-process, each in a fresh namespace, and measures the time from the create request until
-//! every pod is Running and Ready and every claim is Bound. It prints both times and their ratio.
+//! every pod is Running and Ready and every claim is Bound. Each namespace is deleted, and
+//! waited for, before the next run starts. It prints both times and their ratio.
 //!
 //! Usage: `KUBECONFIG=.cluster/kubeconfig cargo run --release -p appset-e2e --bin appset-bench`
 //! (optionally `-- <parallel replicas> <ordered replicas>`). Caveats: KWOK marks pods Ready at
@@ -19,7 +20,8 @@ use appset_crds::AppSet;
 use appset_e2e::TestNamespace;
 use appset_operator::appset::controller::{self, Settings};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 
@@ -91,7 +93,7 @@ async fn time_statefulset(replicas: i32, policy: &str) -> Result<Duration> {
         .await?;
     wait_all_ready(&ns, replicas as usize, Duration::from_secs(900)).await?;
     let took = start.elapsed();
-    ns.cleanup().await;
+    finish(ns).await?;
     Ok(took)
 }
 
@@ -125,9 +127,26 @@ async fn time_appset(replicas: i32, policy: &str) -> Result<Duration> {
         Ok(Err(err)) => eprintln!("AppSet controller task: {err}"),
         _ => {}
     }
-    ns.cleanup().await;
+    finish(ns).await?;
     result?;
     Ok(took)
+}
+
+/// Deletes the namespace and waits until it is gone, so that the garbage collection of one run
+/// (pods, claims, volumes) does not compete with the next measurement.
+async fn finish(ns: TestNamespace) -> Result<()> {
+    let client = ns.client.clone();
+    let name = ns.name.clone();
+    ns.cleanup().await;
+    let namespaces: Api<Namespace> = Api::all(client);
+    let start = Instant::now();
+    while namespaces.get_opt(&name).await?.is_some() {
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("namespace {name} still terminating after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
