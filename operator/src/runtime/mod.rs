@@ -58,6 +58,10 @@ pub struct Options {
         default_value = ""
     )]
     pub namespaces: Vec<String>,
+    /// A label selector over namespaces (e.g. `team=payments`): the namespaces it matches at
+    /// start-up are added to `--namespaces`. Restart the operator to pick up new ones.
+    #[arg(long, env = "APPSET_NAMESPACE_SELECTOR")]
+    pub namespace_selector: Option<String>,
     /// The operator's own namespace: home of the hash key Secret and the leader Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "appset-system")]
     pub operator_namespace: String,
@@ -138,6 +142,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The namespaces matching `--namespace-selector` could not be listed.
+    #[error("cannot list the namespaces matching {selector:?}: {source}")]
+    Namespaces {
+        /// The selector.
+        selector: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// `--namespace-selector` matched no namespace (watching everything instead would be a
+    /// surprise).
+    #[error("no namespace matches the selector {0:?}")]
+    NoNamespaces(String),
     /// The config rollout controller could not start.
     #[error(transparent)]
     Rollout(#[from] rollout::RunError),
@@ -238,6 +255,33 @@ pub async fn run(
     let readiness = Readiness::default();
     let shutdown = shutdown.shared();
 
+    let mut settings = options.settings();
+    if let Some(selector) = options
+        .namespace_selector
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+    {
+        let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+        let list = api
+            .list_metadata(&kube::api::ListParams::default().labels(selector))
+            .await
+            .map_err(|source| Error::Namespaces {
+                selector: selector.to_string(),
+                source,
+            })?;
+        let matched: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        if matched.is_empty() {
+            return Err(Error::NoNamespaces(selector.to_string()));
+        }
+        info!(selector, namespaces = ?matched, "namespaces selected by label");
+        settings.namespaces.extend(matched);
+        settings.namespaces.sort();
+        settings.namespaces.dedup();
+    }
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| Error::Listen {
@@ -258,7 +302,6 @@ pub async fn run(
 
     let mut lost = false;
     let controllers = {
-        let settings = options.settings();
         rollout::run(
             client.clone(),
             settings,
