@@ -693,3 +693,46 @@ async fn a_missing_required_source_gives_an_event_and_no_crash() -> Result<()> {
     ns.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn only_one_replica_leads_and_a_dead_leader_is_replaced() -> Result<()> {
+    use appset_operator::runtime::lease::LeaderElector;
+    let ns = TestNamespace::new("cfg-lease").await?;
+    let duration = Duration::from_secs(3);
+    let a = LeaderElector::new(
+        ns.client.clone(),
+        &ns.name,
+        "operator",
+        "replica-a",
+        duration,
+    );
+    let b = LeaderElector::new(
+        ns.client.clone(),
+        &ns.name,
+        "operator",
+        "replica-b",
+        duration,
+    );
+    assert!(a.try_hold().await?, "the first replica takes a free Lease");
+    assert!(
+        !b.try_hold().await?,
+        "a live Lease held by another replica is not taken"
+    );
+    assert!(a.try_hold().await?, "the holder renews");
+    // replica-a stops renewing: once the Lease expires, replica-b takes it.
+    tokio::time::sleep(duration + Duration::from_secs(1)).await;
+    assert!(b.try_hold().await?, "an expired Lease is taken over");
+    assert!(
+        !a.try_hold().await?,
+        "the old holder does not get it back while it is live"
+    );
+    let lease = ns
+        .api::<k8s_openapi::api::coordination::v1::Lease>()
+        .get("operator")
+        .await?;
+    let spec = lease.spec.unwrap_or_default();
+    assert_eq!(spec.holder_identity.as_deref(), Some("replica-b"));
+    assert_eq!(spec.lease_transitions, Some(1));
+    ns.cleanup().await;
+    Ok(())
+}
