@@ -825,3 +825,176 @@ fn a_full_rolling_update_converges_with_each_policy_and_budget() {
         }
     }
 }
+
+// --- every combination, checked against the invariants ---
+
+/// Builds a fixture: `existing` pods (ordinals 0..existing) of `OLD`, Ready, with claims; one
+/// optionally Failed and one optionally terminating.
+#[allow(clippy::too_many_arguments)] // one argument per dimension of the combination
+fn combo(
+    policy: PodManagementPolicy,
+    strategy: UpdateStrategyType,
+    replicas: i32,
+    existing: i32,
+    partition: i32,
+    max_unavailable: i32,
+    failed: Option<i32>,
+    terminating: Option<i32>,
+) -> PlanInput {
+    let mut i = input(policy, replicas);
+    i.strategy = strategy;
+    i.partition = partition;
+    i.max_unavailable = max_unavailable;
+    for o in 0..existing {
+        ready(&mut i, o, OLD);
+    }
+    if let Some(o) = failed.filter(|o| *o < existing) {
+        pod_mut(&mut i, o).phase = PodPhase::Failed;
+        pod_mut(&mut i, o).ready = false;
+    }
+    if let Some(o) = terminating.filter(|o| *o < existing) {
+        pod_mut(&mut i, o).terminating = true;
+    }
+    i
+}
+
+#[test]
+fn invariants_hold_for_every_combination() {
+    let mut cases = 0;
+    for policy in [OrderedReady, Parallel] {
+        for strategy in [
+            UpdateStrategyType::RollingUpdate,
+            UpdateStrategyType::OnDelete,
+        ] {
+            for (replicas, existing) in [(4, 0), (4, 2), (4, 4), (2, 4), (0, 3)] {
+                for partition in [0, 1, 3, 5] {
+                    for max_unavailable in [1, 2, 4] {
+                        for failed in [None, Some(0), Some(3)] {
+                            for terminating in [None, Some(1), Some(3)] {
+                                let i = combo(
+                                    policy,
+                                    strategy,
+                                    replicas,
+                                    existing,
+                                    partition,
+                                    max_unavailable,
+                                    failed,
+                                    terminating,
+                                );
+                                check_invariants(&i, &plan(&i));
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 2 * 2 * 5 * 4 * 3 * 3 * 3);
+}
+
+fn check_invariants(i: &PlanInput, p: &Plan) {
+    let ctx = format!("{i:?}\n=> {p:?}");
+    let pod = |o: i32| i.pods.iter().find(|x| x.ordinal == o);
+    let end = i.start_ordinal + i.replicas;
+    // Never create a pod whose name is taken, never outside the range.
+    for c in &p.create_pods {
+        assert!(pod(c.ordinal).is_none(), "duplicate pod: {ctx}");
+        assert!(c.ordinal >= i.start_ordinal && c.ordinal < end, "{ctx}");
+        // Its claims exist or are created in the same plan.
+        let claimed = i.claims.iter().any(|x| x.ordinal == c.ordinal)
+            || p.create_claims.iter().any(|x| x.ordinal == c.ordinal);
+        assert!(claimed, "pod without claim: {ctx}");
+        // Below the partition: the current revision; otherwise the update revision.
+        let want = if i.strategy == UpdateStrategyType::RollingUpdate
+            && c.ordinal - i.start_ordinal < i.partition
+        {
+            OLD
+        } else {
+            NEW
+        };
+        assert_eq!(c.revision, want, "{ctx}");
+    }
+    // Never delete a terminating pod, never twice.
+    let mut names = BTreeSet::new();
+    for d in &p.delete_pods {
+        let target = i
+            .pods
+            .iter()
+            .find(|x| x.name == d.name)
+            .unwrap_or_else(|| panic!("deleting an unknown pod: {ctx}"));
+        assert!(!target.terminating, "{ctx}");
+        assert!(names.insert(d.name.clone()), "{ctx}");
+        match d.reason {
+            DeleteReason::Update | DeleteReason::BrokenOldRevision => {
+                assert_eq!(i.strategy, UpdateStrategyType::RollingUpdate, "{ctx}");
+                assert!(target.ordinal - i.start_ordinal >= i.partition, "{ctx}");
+                assert_ne!(target.revision.as_deref(), Some(NEW), "{ctx}");
+            }
+            DeleteReason::ScaleDown => assert!(target.ordinal >= end, "{ctx}"),
+            DeleteReason::Finished => assert!(target.is_finished(), "{ctx}"),
+        }
+    }
+    // Update deletions: highest first, and only healthy pods count against the budget.
+    let updates: Vec<i32> = p
+        .delete_pods
+        .iter()
+        .filter(|d| d.reason == DeleteReason::Update)
+        .filter_map(|d| i.pods.iter().find(|x| x.name == d.name).map(|x| x.ordinal))
+        .collect();
+    assert!(updates.windows(2).all(|w| w[0] > w[1]), "{ctx}");
+    assert!(updates.len() as i32 <= i.max_unavailable, "{ctx}");
+    if !updates.is_empty() {
+        let unavailable_after = (i.start_ordinal..end)
+            .filter(|o| match pod(*o) {
+                None => true,
+                Some(x) => {
+                    x.terminating
+                        || !x.is_available(i.min_ready_seconds, i.now)
+                        || p.delete_pods.iter().any(|d| d.name == x.name)
+                }
+            })
+            .count() as i32;
+        let broken = p
+            .delete_pods
+            .iter()
+            .filter(|d| {
+                matches!(
+                    d.reason,
+                    DeleteReason::BrokenOldRevision | DeleteReason::Finished
+                )
+            })
+            .count() as i32;
+        let was_unavailable = unavailable_after - updates.len() as i32 - broken;
+        assert!(
+            was_unavailable + updates.len() as i32 <= i.max_unavailable,
+            "budget exceeded: {ctx}"
+        );
+    }
+    if i.policy == OrderedReady {
+        assert!(p.create_pods.len() <= 1, "{ctx}");
+        let scale_downs = p
+            .delete_pods
+            .iter()
+            .filter(|d| d.reason == DeleteReason::ScaleDown)
+            .count();
+        assert!(scale_downs <= 1, "{ctx}");
+        // A pod is created only when every lower pod is available.
+        for c in &p.create_pods {
+            for o in i.start_ordinal..c.ordinal {
+                let ok = pod(o).is_some_and(|x| {
+                    x.is_available(i.min_ready_seconds, i.now)
+                        && !p.delete_pods.iter().any(|d| d.name == x.name)
+                });
+                assert!(ok, "created past an unavailable pod: {ctx}");
+            }
+        }
+    } else {
+        // Parallel: every missing slot whose claims are usable gets a pod.
+        for o in i.start_ordinal..end {
+            if pod(o).is_none() {
+                assert!(p.create_pods.iter().any(|c| c.ordinal == o), "{ctx}");
+            }
+        }
+    }
+}
