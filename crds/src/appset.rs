@@ -69,8 +69,8 @@ use serde::{Deserialize, Serialize};
 )]
 #[x_kube(
     validation = Rule::new("!has(self.selector.matchLabels) || self.selector.matchLabels.all(k, has(self.template.metadata) && has(self.template.metadata.labels) && k in self.template.metadata.labels && self.template.metadata.labels[k] == self.selector.matchLabels[k])").message("spec.selector.matchLabels must match spec.template.metadata.labels: every selector label needs the same value in the template").field_path(".selector"),
-    validation = Rule::new("self.service != 'Managed' || (has(self.serviceName) && self.serviceName != '')").message("spec.serviceName is required when spec.service is Managed").field_path(".serviceName"),
-    validation = Rule::new("self.volumeClaimTemplates.all(t, has(t.metadata) && has(t.metadata.name) && t.metadata.name != '')").message("every spec.volumeClaimTemplates entry needs metadata.name; it names the claims <name>-<set>-<ordinal>").field_path(".volumeClaimTemplates")
+    validation = Rule::new("!has(self.service) || self.service != 'Managed' || (has(self.serviceName) && self.serviceName != '')").message("spec.serviceName is required when spec.service is Managed").field_path(".serviceName"),
+    validation = Rule::new("!has(self.volumeClaimTemplates) || self.volumeClaimTemplates.all(t, has(t.metadata) && has(t.metadata.name) && t.metadata.name != '')").message("every spec.volumeClaimTemplates entry needs metadata.name; it names the claims <name>-<set>-<ordinal>").field_path(".volumeClaimTemplates")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AppSetSpec {

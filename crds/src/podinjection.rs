@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[x_kube(
-    validation = Rule::new("self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))").message("every spec.volumeMounts[].name must name a volume in spec.volumes").field_path(".volumeMounts")
+    validation = Rule::new("!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))").message("every spec.volumeMounts[].name must name a volume in spec.volumes").field_path(".volumeMounts")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PodInjectionSpec {

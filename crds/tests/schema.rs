@@ -325,6 +325,22 @@ fn cel_accepts_a_valid_appset() {
 }
 
 #[test]
+fn cel_accepts_a_minimal_appset_and_podinjection() {
+    let minimal = json!({
+        "apiVersion": "appset.dev/v1alpha1", "kind": "AppSet", "metadata": {"name": "m"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "m"}},
+            "template": {"metadata": {"labels": {"app": "m"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}
+        }
+    });
+    let errs = cel_errors(&AppSet::crd(), &minimal);
+    assert!(errs.is_empty(), "{errs:?}");
+    let pi = json!({"apiVersion": "appset.dev/v1alpha1", "kind": "PodInjection", "metadata": {"name": "p"}, "spec": {"selector": {}}});
+    let errs = cel_errors(&PodInjection::crd(), &pi);
+    assert!(errs.is_empty(), "{errs:?}");
+}
+
+#[test]
 fn cel_rejects_selector_not_matching_template() {
     let errs = cel_errors(
         &AppSet::crd(),
