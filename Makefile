@@ -17,6 +17,7 @@ control-plane:
 
 up:
 	e2e/cluster/up.sh
+	e2e/cluster/install.sh
 
 down:
 	e2e/cluster/down.sh
