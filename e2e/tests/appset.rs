@@ -393,6 +393,10 @@ struct Observed {
     deleted_old: Vec<String>,
     /// The most pods of the replica range unavailable at once.
     max_unavailable: usize,
+    /// Pods in the order they appeared.
+    created: Vec<String>,
+    /// Pods that appeared while a pod of a lower ordinal was missing or not Ready.
+    created_early: Vec<String>,
 }
 
 /// Watches the namespace's pods and records deletions of `old` pods and the unavailability.
@@ -423,6 +427,21 @@ fn observe(
             let rev = revision_of(&pod);
             if synced && terminating && rev == old && !o.deleted_old.contains(&name) {
                 o.deleted_old.push(name.clone());
+            }
+            if synced && !gone && !o.pods.contains_key(&name) {
+                o.created.push(name.clone());
+                if let Some((set, ordinal)) = name.rsplit_once('-')
+                    && let Ok(ordinal) = ordinal.parse::<usize>()
+                {
+                    let lower_ready = (0..ordinal).all(|k| {
+                        o.pods
+                            .get(&format!("{set}-{k}"))
+                            .is_some_and(|(ready, t)| *ready && !*t)
+                    });
+                    if !lower_ready {
+                        o.created_early.push(name.clone());
+                    }
+                }
             }
             if gone {
                 o.pods.remove(&name);
@@ -545,13 +564,31 @@ async fn template_change_rolls_highest_first_within_partition_and_max_unavailabl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ordered_rollout_is_one_at_a_time_highest_first() -> Result<()> {
+async fn ordered_ready_creates_in_order_and_rolls_one_at_a_time_highest_first() -> Result<()> {
     let ns = TestNamespace::new("aps-ordered").await?;
     let _ctl = start(&ns);
     let api = ns.api::<AppSet>();
+    let (creation, creation_watch) = observe(&ns, 3, String::new());
+    tokio::time::sleep(Duration::from_secs(1)).await;
     api.create(&PostParams::default(), &appset("web", 3, json!({}))?)
         .await?;
     wait_settled(&ns, "web", 3).await?;
+    {
+        let o = creation
+            .lock()
+            .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
+        assert_eq!(
+            o.created,
+            vec!["web-0", "web-1", "web-2"],
+            "in ordinal order"
+        );
+        assert!(
+            o.created_early.is_empty(),
+            "created before the lower pods were Ready: {:?}",
+            o.created_early
+        );
+    }
+    creation_watch.abort();
     let old = api
         .get("web")
         .await?
@@ -585,8 +622,11 @@ async fn a_broken_template_followed_by_a_fixed_one_completes_without_manual_dele
     let ns = TestNamespace::new("aps-broken").await?;
     let _ctl = start(&ns);
     let api = ns.api::<AppSet>();
-    api.create(&PostParams::default(), &appset("web", 3, json!({}))?)
-        .await?;
+    api.create(
+        &PostParams::default(),
+        &appset("web", 3, json!({"progressDeadlineSeconds": 5}))?,
+    )
+    .await?;
     wait_settled(&ns, "web", 3).await?;
     let good = api
         .get("web")
@@ -619,7 +659,7 @@ async fn a_broken_template_followed_by_a_fixed_one_completes_without_manual_dele
         })
     })
     .await?;
-    // The rollout is stuck on it, as it should be: web-1 and web-0 keep the good revision.
+    // The rollout waits for it, as it should: web-1 and web-0 keep the good revision.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for n in ["web-0", "web-1"] {
         let p = pods.get(n).await?;
@@ -627,6 +667,31 @@ async fn a_broken_template_followed_by_a_fixed_one_completes_without_manual_dele
         assert!(is_ready(&p));
     }
     assert!(!is_ready(&pods.get("web-2").await?));
+    // The stall is reported once the progress deadline (5 s here) passes.
+    wait_for(
+        "Progressing False/ProgressDeadlineExceeded",
+        LONG,
+        || async {
+            let set = api.get("web").await?;
+            Ok(match condition(&set, "Progressing") {
+                Some((s, r)) if s == "False" && r == "ProgressDeadlineExceeded" => Ok(()),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )
+    .await?;
+    let events = ns
+        .api::<k8s_openapi::api::events::v1::Event>()
+        .list(&ListParams::default())
+        .await?;
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ProgressDeadlineExceeded")
+                && e.type_.as_deref() == Some("Warning")),
+        "a Warning Event reports the stall"
+    );
 
     // Fixed: the broken pod is replaced without anyone deleting it.
     patch_spec(&ns, "web", json!({"template": {"spec": {"nodeSelector": null}, "metadata": {"annotations": {"fixed": "yes"}}}})).await?;
