@@ -153,6 +153,10 @@ pub enum Decision {
         uid: String,
         /// The message for the client.
         message: String,
+        /// The pod's namespace.
+        namespace: String,
+        /// The PodInjections involved in the conflict, by name.
+        injections: Vec<String>,
     },
     /// Denied because the object is not a readable Pod.
     Invalid {
@@ -228,7 +232,10 @@ where
             applied,
             warnings,
         },
-        Plan::Deny { message } => {
+        Plan::Deny {
+            message,
+            injections,
+        } => {
             let who = if req.name.is_empty() {
                 pod.metadata
                     .generate_name
@@ -241,6 +248,8 @@ where
             Decision::Deny {
                 uid,
                 message: format!("pod {namespace}/{who}: {message}"),
+                namespace,
+                injections,
             }
         }
     }
@@ -270,7 +279,7 @@ impl Decision {
                 }
                 r
             }
-            Decision::Deny { uid, message } => json!({
+            Decision::Deny { uid, message, .. } => json!({
                 "uid": uid,
                 "allowed": false,
                 "status": { "code": 403, "reason": "Forbidden", "message": message },

@@ -15,7 +15,8 @@
 //! * [`matching`], [`plan`], [`patch`] and [`admission`] are pure: the answer to a request is a
 //!   function of the request body and the objects in memory, with no API call on the request
 //!   path.
-//! * [`server`] is the HTTPS server; [`tls`] keeps its certificate; [`metrics`] counts.
+//! * [`server`] is the HTTPS server; [`tls`] keeps its certificate; [`metrics`] counts;
+//!   [`events`] reports denials on the PodInjections involved.
 //! * [`serve`] wires them to a cluster; the `appset-webhook` binary is a thin wrapper around it.
 //!
 //! Failure modes this design rules out: only namespaces labelled `appset.dev/injection=enabled`
@@ -24,6 +25,7 @@
 //! what it asked for is denied with a message rather than admitted without it.
 
 pub mod admission;
+pub mod events;
 pub mod matching;
 pub mod metrics;
 pub mod patch;
@@ -69,6 +71,9 @@ pub enum Error {
     /// The listen address could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
+    /// The configuration is incoherent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// The server failed to start.
     #[error(transparent)]
     Server(#[from] server::ServerError),
@@ -94,6 +99,7 @@ pub async fn serve_on(
     client: Client,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    config.tls.policy.check().map_err(Error::Config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -148,6 +154,13 @@ pub async fn serve_on(
         None
     };
 
+    let (denials, denial_rx) = events::channel(256);
+    let s = stopped();
+    let events_client = client.clone();
+    tasks.spawn(async move {
+        tokio::select! { () = events::publish(events_client, denial_rx) => {}, () = s => {} }
+    });
+
     let resolver = Arc::new(CertResolver::new());
     let state = Arc::new(AppState {
         injections: injections.clone(),
@@ -155,6 +168,7 @@ pub async fn serve_on(
         resolver: resolver.clone(),
         metrics: Metrics::new(),
         synced: Default::default(),
+        denials: Some(denials),
     });
 
     let ready_state = state.clone();

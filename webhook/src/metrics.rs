@@ -156,6 +156,8 @@ mod tests {
             &Decision::Deny {
                 uid: "u".into(),
                 message: "m".into(),
+                namespace: "ns".into(),
+                injections: vec!["a".into()],
             },
             0.001,
         );

@@ -71,7 +71,16 @@ pub enum Plan {
     Deny {
         /// The message returned to the client.
         message: String,
+        /// The PodInjections on either side of a conflict, by name.
+        injections: Vec<String>,
     },
+}
+
+/// A collision found while planning: the message and the other side.
+#[derive(Debug)]
+struct Conflict {
+    message: String,
+    other: Origin,
 }
 
 /// Where an entry of the pod comes from, for conflict messages.
@@ -136,6 +145,7 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
 
     let mut state = State::of(spec);
     let mut conflicts = Vec::new();
+    let mut involved = std::collections::BTreeSet::new();
     let mut warnings = Vec::new();
     let mut first_init = Vec::new();
     let mut last_init = Vec::new();
@@ -151,14 +161,26 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
                     InitContainerPlacement::Last => last_init.push(ic.clone()),
                 },
                 Ok(false) => {}
-                Err(msg) => conflicts.push(msg),
+                Err(conflict) => {
+                    involved.insert(c.name.to_string());
+                    if let Origin::Injection(other) = &conflict.other {
+                        involved.insert(other.clone());
+                    }
+                    conflicts.push(conflict.message);
+                }
             }
         }
         for v in &c.spec.volumes {
             match state.add_volume(v, &origin) {
                 Ok(true) => new_volumes.push(volume_of(v)),
                 Ok(false) => {}
-                Err(msg) => conflicts.push(msg),
+                Err(conflict) => {
+                    involved.insert(c.name.to_string());
+                    if let Origin::Injection(other) = &conflict.other {
+                        involved.insert(other.clone());
+                    }
+                    conflicts.push(conflict.message);
+                }
             }
         }
         for m in &c.spec.volume_mounts {
@@ -183,7 +205,13 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
                 match state.add_mount(idx, m, &origin) {
                     Ok(true) => new_mounts.entry(idx).or_default().push(mount_of(m)),
                     Ok(false) => {}
-                    Err(msg) => conflicts.push(msg),
+                    Err(conflict) => {
+                        involved.insert(c.name.to_string());
+                        if let Origin::Injection(other) = &conflict.other {
+                            involved.insert(other.clone());
+                        }
+                        conflicts.push(conflict.message);
+                    }
                 }
             }
         }
@@ -197,6 +225,7 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
                 keys::INJECTION_POD_OPT_OUT,
                 keys::INJECTION_DISABLED
             ),
+            injections: involved.into_iter().collect(),
         };
     }
 
@@ -335,28 +364,34 @@ impl State {
     }
 
     /// `Ok(true)` when the container is new, `Ok(false)` when an identical one exists.
-    fn add_init_container(&mut self, c: &Container, origin: &Origin) -> Result<bool, String> {
+    fn add_init_container(&mut self, c: &Container, origin: &Origin) -> Result<bool, Conflict> {
         if self.containers.contains(&c.name) {
-            return Err(format!(
-                "init container {:?} of {origin} has the same name as container {:?} of the pod",
-                c.name, c.name
-            ));
+            return Err(Conflict {
+                message: format!(
+                    "init container {:?} of {origin} has the same name as container {:?} of the pod",
+                    c.name, c.name
+                ),
+                other: Origin::Pod,
+            });
         }
         if let Some((existing, other)) = self.init.iter().find(|(e, _)| e.name == c.name) {
             return if same_container(c, existing) {
                 Ok(false)
             } else {
-                Err(format!(
-                    "init container {:?} of {origin} differs from init container {:?} of {other}",
-                    c.name, existing.name
-                ))
+                Err(Conflict {
+                    message: format!(
+                        "init container {:?} of {origin} differs from init container {:?} of {other}",
+                        c.name, existing.name
+                    ),
+                    other: other.clone(),
+                })
             };
         }
         self.init.push((c.clone(), origin.clone()));
         Ok(true)
     }
 
-    fn add_volume(&mut self, v: &InjectedVolume, origin: &Origin) -> Result<bool, String> {
+    fn add_volume(&mut self, v: &InjectedVolume, origin: &Origin) -> Result<bool, Conflict> {
         if let Some((existing, other)) = self.volumes.iter().find(|(e, _)| e.name == v.name) {
             let same = existing
                 .empty_dir
@@ -371,10 +406,13 @@ impl State {
             return if same {
                 Ok(false)
             } else {
-                Err(format!(
-                    "volume {:?} of {origin} differs from volume {:?} of {other}",
-                    v.name, existing.name
-                ))
+                Err(Conflict {
+                    message: format!(
+                        "volume {:?} of {origin} differs from volume {:?} of {other}",
+                        v.name, existing.name
+                    ),
+                    other: other.clone(),
+                })
             };
         }
         self.volumes.push((volume_of(v), origin.clone()));
@@ -386,7 +424,7 @@ impl State {
         idx: usize,
         m: &InjectedVolumeMount,
         origin: &Origin,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, Conflict> {
         let container = self.containers.get(idx).cloned().unwrap_or_default();
         let Some(mounts) = self.mounts.get_mut(idx) else {
             return Ok(false);
@@ -399,10 +437,13 @@ impl State {
             return if same_mount(existing, &wanted) {
                 Ok(false)
             } else {
-                Err(format!(
-                    "mount of volume {:?} at {:?} in container {container:?} by {origin} differs from the mount of volume {:?} at that path by {other}",
-                    wanted.name, wanted.mount_path, existing.name
-                ))
+                Err(Conflict {
+                    message: format!(
+                        "mount of volume {:?} at {:?} in container {container:?} by {origin} differs from the mount of volume {:?} at that path by {other}",
+                        wanted.name, wanted.mount_path, existing.name
+                    ),
+                    other: other.clone(),
+                })
             };
         }
         mounts.push((wanted, origin.clone()));

@@ -26,6 +26,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::Resource;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::net::TcpListener;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Set once the PodInjection watch has synced.
     pub synced: AtomicBool,
+    /// Where denials are reported as Events, when they are.
+    pub denials: Option<crate::events::Denials>,
 }
 
 impl AppState {
@@ -143,7 +146,25 @@ pub fn review(state: &AppState, body: &[u8]) -> Response<Full<Bytes>> {
                 admission::Decision::Inject { applied, .. } => {
                     debug!(injected = %crate::plan::format_injected(applied), "pod injected")
                 }
-                admission::Decision::Deny { message, .. } => debug!(%message, "pod denied"),
+                admission::Decision::Deny {
+                    message,
+                    namespace,
+                    injections,
+                    ..
+                } => {
+                    debug!(%message, "pod denied");
+                    if let Some(denials) = &state.denials {
+                        for name in injections {
+                            let key = ObjectRef::<PodInjection>::new(name).within(namespace);
+                            if let Some(pi) = state.injections.get(&key) {
+                                denials.report(crate::events::Denial {
+                                    injection: pi.object_ref(&()),
+                                    message: message.clone(),
+                                });
+                            }
+                        }
+                    }
+                }
                 admission::Decision::Invalid { message, .. } => {
                     warn!(%message, "unreadable object in an admission request")
                 }

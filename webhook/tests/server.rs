@@ -60,6 +60,7 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
         resolver: resolver.clone(),
         metrics: Metrics::new(),
         synced: Default::default(),
+        denials: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -333,9 +333,12 @@ fn identical_entries_are_no_ops_but_recorded() {
     );
 }
 
-fn deny_message(plan: Plan) -> String {
+fn deny(plan: Plan) -> (String, Vec<String>) {
     match plan {
-        Plan::Deny { message } => message,
+        Plan::Deny {
+            message,
+            injections,
+        } => (message, injections),
         other => panic!("expected a denial, got {other:?}"),
     }
 }
@@ -358,7 +361,8 @@ fn conflicts_with_the_pod_name_both_sides() {
             ..Default::default()
         }]);
     }
-    let msg = deny_message(plan(&p, &[cand("git-content", &spec)]));
+    let (msg, involved) = deny(plan(&p, &[cand("git-content", &spec)]));
+    assert_eq!(involved, vec!["git-content"]);
     assert!(
         msg.contains(
             "init container \"git-clone\" of PodInjection \"git-content\" differs from init container \"git-clone\" of the pod"
@@ -381,7 +385,8 @@ fn conflicts_between_injections_and_with_container_names() {
     let mut b = git_content();
     b.volumes[0].empty_dir.medium = Some("Memory".into());
     b.init_containers = vec![container("nginx", "x")];
-    let msg = deny_message(plan(&nginx_pod(), &[cand("a", &a), cand("b", &b)]));
+    let (msg, involved) = deny(plan(&nginx_pod(), &[cand("a", &a), cand("b", &b)]));
+    assert_eq!(involved, vec!["a", "b"]);
     assert!(
         msg.contains("volume \"content\" of PodInjection \"b\" differs from volume \"content\" of PodInjection \"a\""),
         "{msg}"

@@ -76,6 +76,29 @@ impl Default for Policy {
     }
 }
 
+impl Policy {
+    /// Checks the policy is coherent: non-empty SANs, windows shorter than lifetimes, and a CA
+    /// renewed earlier than the serving certificate (a serving certificate is capped at its CA's
+    /// expiry, so a CA renewed later would leave it unrenewed).
+    pub fn check(&self) -> Result<(), String> {
+        if self.sans.is_empty() {
+            return Err("the serving certificate needs at least one SAN".into());
+        }
+        if self.serving_renew_before >= self.serving_validity {
+            return Err("serving_renew_before must be shorter than serving_validity".into());
+        }
+        if self.ca_renew_before >= self.ca_validity {
+            return Err("ca_renew_before must be shorter than ca_validity".into());
+        }
+        if self.ca_renew_before <= self.serving_renew_before + self.promote_after {
+            return Err(
+                "ca_renew_before must exceed serving_renew_before plus promote_after".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Everything the Secret stores. `Debug` never prints keys.
 #[derive(Clone, PartialEq)]
 pub struct Material {

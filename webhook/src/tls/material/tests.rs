@@ -128,3 +128,21 @@ fn data_round_trips_and_debug_hides_keys() {
     assert!(!shown.contains("PRIVATE KEY"), "{shown}");
     assert!(!shown.contains("BEGIN"), "{shown}");
 }
+
+#[test]
+fn policy_check_rejects_incoherent_windows() {
+    assert_eq!(policy().check(), Ok(()));
+    assert_eq!(Policy::default().check(), Ok(()));
+    let mut p = policy();
+    p.sans.clear();
+    assert!(p.check().is_err());
+    let mut p = policy();
+    p.serving_renew_before = p.serving_validity;
+    assert!(p.check().is_err());
+    let mut p = policy();
+    p.ca_renew_before = Duration::from_secs(50);
+    assert!(
+        p.check().is_err(),
+        "a CA renewed after its serving certificate is due"
+    );
+}
