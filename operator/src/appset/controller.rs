@@ -970,7 +970,9 @@ async fn write_status(
 
 /// The keyed digest of the sources the template references, or `None` when it references
 /// none. A missing required source keeps the previous hash (no rollout to a state the pods
-/// cannot start in) and is reported with a Warning Event.
+/// cannot start in) and is reported with a Warning Event. While the key Secret still holds the
+/// previous key, a recorded digest made with it is kept as long as the data is unchanged; once
+/// the previous key is dropped, AppSets still carrying such a digest roll once.
 async fn config_hash(
     set: &AppSet,
     ctx: &Context,
@@ -994,6 +996,15 @@ async fn config_hash(
         if let Some(h) = previous.and_then(|s| s.config_hash.clone()) {
             return Ok(Some(h));
         }
+    }
+    // After a key rotation, data that did not change still hashes to the recorded value under
+    // the previous key: keep that value, so a rotation alone does not roll every AppSet.
+    if let (Some(prev_key), Some(recorded)) = (
+        ctx.keyring.previous.as_ref(),
+        previous.and_then(|s| s.config_hash.as_deref()),
+    ) && hash::digest(prev_key, &fetched.sources) == recorded
+    {
+        return Ok(Some(recorded.to_string()));
     }
     Ok(Some(hash::digest(&ctx.keyring.current, &fetched.sources)))
 }
