@@ -834,28 +834,46 @@ async fn reconcile_inner(set: &AppSet, ctx: &Context) -> Result<Action, Error> {
                     }
                 },
             };
-            let change = storage::compare_claim(c, tmpl, allows);
+            let mut change = storage::compare_claim(c, tmpl, allows);
+            let bound = c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
             if let ClaimChange::Expand(q) = &change {
                 let cname = c.name_any();
-                claims_api
-                    .patch(
-                        &cname,
-                        &merge_params(),
-                        &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": q}}}})),
-                    )
-                    .await
-                    .map_err(kube_err(format!(
-                        "expand PersistentVolumeClaim {ns}/{cname}"
-                    )))?;
-                event(
-                    ctx,
-                    set,
-                    EventType::Normal,
-                    "ExpandingClaim",
-                    "ExpandClaim",
-                    format!("expanding PersistentVolumeClaim {cname} to {}", q.0),
-                )
-                .await;
+                if !bound {
+                    // Only a bound claim can grow; this one is expanded once it binds.
+                    change = ClaimChange::None;
+                } else {
+                    let patched = claims_api
+                        .patch(
+                            &cname,
+                            &merge_params(),
+                            &Patch::Merge(
+                                json!({"spec": {"resources": {"requests": {"storage": q}}}}),
+                            ),
+                        )
+                        .await;
+                    match patched {
+                        Ok(_) => {
+                            event(
+                                ctx,
+                                set,
+                                EventType::Normal,
+                                "ExpandingClaim",
+                                "ExpandClaim",
+                                format!("expanding PersistentVolumeClaim {cname} to {}", q.0),
+                            )
+                            .await;
+                        }
+                        // A refused expansion is reported in the status (and an Event when the
+                        // message changes); it does not stop the rest of the reconcile.
+                        Err(err) => {
+                            warn!(claim = %cname, error = %err, "claim expansion refused");
+                            change = ClaimChange::Blocked(format!(
+                                "expanding claim {cname} to {} was refused: {err}",
+                                q.0
+                            ));
+                        }
+                    }
+                }
             }
             compared.push((c, change));
         }
