@@ -13,5 +13,6 @@
 //! ```
 
 pub mod harness;
+pub mod process;
 
 pub use harness::{TestNamespace, client, repo_root, wait_for};

@@ -1,0 +1,560 @@
+//! The Helm chart on the real control plane: it lints, renders manifests the API server accepts,
+//! rejects invalid values with a clear message, and its RBAC is both sufficient (the real
+//! operator and webhook binaries run as the chart's ServiceAccounts and do their jobs) and
+//! minimal (those accounts are denied what they do not need). Upgrades and uninstalls leave the
+//! cluster clean. Leader election hands over between two operator processes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use appset_e2e::process::{
+    Process, binary, free_port, run, run_ok, scratch_dir, service_account_kubeconfig,
+};
+use appset_e2e::{TestNamespace, repo_root, wait_for};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+fn chart() -> String {
+    repo_root()
+        .join("charts/appset")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
+    run_ok("helm", &["lint", &chart(), "--strict"])?;
+    let variants: [&[&str]; 2] = [
+        &[],
+        &[
+            "--set",
+            "watchNamespaces={team-a,team-b}",
+            "--set",
+            "metrics.serviceMonitor.enabled=false",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "webhook.url=https://127.0.0.1:9443/mutate-pods",
+        ],
+    ];
+    let dir = scratch_dir("chart-render")?;
+    let chart = chart();
+    for (i, extra) in variants.iter().enumerate() {
+        let mut args = vec![
+            "template",
+            "dry",
+            &*chart,
+            "-n",
+            "appset-system",
+            "--kube-version",
+            "1.37.2",
+        ];
+        args.extend_from_slice(extra);
+        let rendered = run_ok("helm", &args)?;
+        let file = dir.join(format!("rendered-{i}.yaml"));
+        std::fs::write(&file, &rendered)?;
+        // Namespaced objects of other namespaces need those namespaces for the dry run.
+        for ns in ["appset-system", "team-a", "team-b"] {
+            let _ = run("kubectl", &["create", "namespace", ns]);
+        }
+        let out = run_ok(
+            "kubectl",
+            &["apply", "--dry-run=server", "-f", &file.to_string_lossy()],
+        )?;
+        assert!(out.contains("deployment.apps/dry-appset-operator"), "{out}");
+        assert!(out.contains("mutatingwebhookconfiguration"), "{out}");
+    }
+    Ok(())
+}
+
+#[test]
+fn invalid_values_fail_the_install_with_a_clear_message() -> Result<()> {
+    let cases = [
+        ("operator.replicas=-1", "/operator/replicas"),
+        ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
+        ("webhook.timeoutSeconds=90", "/webhook/timeoutSeconds"),
+        ("operator.coalesceWindow=soon", "/operator/coalesceWindow"),
+    ];
+    for (set, field) in cases {
+        let out = run(
+            "helm",
+            &[
+                "install",
+                "bad",
+                &chart(),
+                "-n",
+                "appset-bad",
+                "--dry-run=server",
+                "--set",
+                set,
+            ],
+        )?;
+        assert!(!out.ok, "{set} was accepted");
+        assert!(
+            out.text.contains(field),
+            "{set}: message does not name {field}: {}",
+            out.text
+        );
+    }
+    Ok(())
+}
+
+/// Releases of this file get unique names so that tests can run in parallel.
+fn release_name(ns: &str) -> String {
+    format!("r{}", ns.rsplit('-').next().unwrap_or("x"))
+}
+
+fn can_i(sa: &str, args: &[&str]) -> Result<bool> {
+    let mut all = vec!["auth", "can-i", "--as", sa];
+    all.extend_from_slice(args);
+    let out = run("kubectl", &all)?;
+    Ok(out.text.trim_start().starts_with("yes"))
+}
+
+#[tokio::test]
+async fn chart_rbac_is_sufficient_and_minimal_and_uninstall_is_clean() -> Result<()> {
+    let release_ns = TestNamespace::new("chart-rbac").await?;
+    let workloads =
+        TestNamespace::with_labels("chart-wl", &[("appset.dev/injection", "enabled")]).await?;
+    let release = release_name(&release_ns.name);
+    let webhook_port = free_port()?;
+    let operator_port = free_port()?;
+    let url = format!("https://127.0.0.1:{webhook_port}/mutate-pods");
+    run_ok(
+        "helm",
+        &[
+            "install",
+            &release,
+            &chart(),
+            "-n",
+            &release_ns.name,
+            "--set",
+            &format!("watchNamespaces={{{}}}", workloads.name),
+            "--set",
+            "operator.enabled=false",
+            "--set",
+            "webhook.enabled=false",
+            "--set",
+            &format!("webhook.url={url}"),
+            // Pods of other tests' opted-in namespaces must never wait on this test's webhook.
+            "--set",
+            "webhook.failurePolicy=Ignore",
+        ],
+    )?;
+    let full = format!("{release}-appset");
+    let dir = scratch_dir(&release_ns.name)?;
+    let op_kc = service_account_kubeconfig(&release_ns.name, &format!("{full}-operator"), &dir)?;
+    let wh_kc = service_account_kubeconfig(&release_ns.name, &format!("{full}-webhook"), &dir)?;
+
+    let webhook = Process::start(
+        &binary("appset-webhook")?,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{webhook_port}"),
+            "--san",
+            "127.0.0.1",
+            "--webhook-configuration",
+            &format!("{full}-webhook"),
+            "--watch-namespace",
+            &workloads.name,
+            "--log-format",
+            "text",
+        ],
+        &[
+            ("KUBECONFIG", &wh_kc.to_string_lossy()),
+            ("POD_NAMESPACE", &release_ns.name),
+        ],
+        dir.join("webhook.log"),
+    )?;
+    let operator = Process::start(
+        &binary("appset-operator")?,
+        &[
+            "--namespaces",
+            &workloads.name,
+            "--listen",
+            &format!("127.0.0.1:{operator_port}"),
+            "--leader-elect",
+            "--coalesce-window",
+            "1s",
+            "--min-rollout-interval",
+            "1s",
+            "--log-format",
+            "text",
+        ],
+        &[
+            ("KUBECONFIG", &op_kc.to_string_lossy()),
+            ("POD_NAMESPACE", &release_ns.name),
+            ("POD_NAME", "rbac-test"),
+        ],
+        dir.join("operator.log"),
+    )?;
+
+    // Config rollout works with the operator's account.
+    let cms = workloads.api::<ConfigMap>();
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"k": "1"}}))?,
+    )
+    .await?;
+    let deployments = workloads.api::<Deployment>();
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "app", "annotations": {"appset.dev/config-rollout": "auto"}},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "app"}},
+                    "template": {"metadata": {"labels": {"app": "app"}}, "spec": {"containers": [{
+                        "name": "c", "image": "i", "envFrom": [{"configMapRef": {"name": "cfg"}}]
+                    }]}}
+                }
+            }))?,
+        )
+        .await?;
+    wait_for(
+        "the operator to record the baseline",
+        Duration::from_secs(60),
+        || async {
+            let d = deployments.get("app").await?;
+            let seen = d.metadata.annotations.unwrap_or_default();
+            Ok(if seen.contains_key("appset.dev/config-hash-observed") {
+                Ok(())
+            } else {
+                Err(format!("annotations {seen:?}"))
+            })
+        },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", operator.log_tail()))?;
+    cms.patch(
+        "cfg",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "2"}})),
+    )
+    .await?;
+    let rs = workloads.api::<ReplicaSet>();
+    wait_for(
+        "a second ReplicaSet after the ConfigMap change",
+        Duration::from_secs(60),
+        || async {
+            let n = rs
+                .list(&ListParams::default().labels("app=app"))
+                .await?
+                .items
+                .len();
+            Ok(if n >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} ReplicaSets"))
+            })
+        },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", operator.log_tail()))?;
+
+    // Injection works with the webhook's account: it wrote its CA into the chart's configuration.
+    let pis: kube::Api<appset_crds::PodInjection> = workloads.api();
+    pis.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "appset.dev/v1alpha1", "kind": "PodInjection",
+            "metadata": {"name": "scratch"},
+            "spec": {"selector": {"matchLabels": {"inject": "yes"}}, "volumes": [{"name": "scratch", "emptyDir": {}}],
+                     "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}
+        }))?,
+    )
+    .await?;
+    let pods = workloads.api::<Pod>();
+    let injected = wait_for("an injected pod", Duration::from_secs(60), || async {
+        let name = format!(
+            "p{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis()
+        );
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"inject": "yes"}},
+            "spec": {"containers": [{"name": "c", "image": "i"}]}
+        }))?;
+        let created = pods.create(&PostParams::default(), &pod).await?;
+        let vols: Vec<String> = created
+            .spec
+            .and_then(|s| s.volumes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        Ok(if vols.iter().any(|v| v == "scratch") {
+            Ok(())
+        } else {
+            Err(format!("volumes {vols:?}"))
+        })
+    })
+    .await;
+    injected.with_context(|| format!("webhook log:\n{}", webhook.log_tail()))?;
+
+    // Minimal: what the accounts must not do.
+    let op = format!("system:serviceaccount:{}:{full}-operator", release_ns.name);
+    let wh = format!("system:serviceaccount:{}:{full}-webhook", release_ns.name);
+    assert!(can_i(
+        &op,
+        &["patch", "deployments", "-n", &workloads.name]
+    )?);
+    assert!(can_i(&op, &["get", "secrets", "-n", &workloads.name])?);
+    let denied: [(&str, Vec<&str>); 9] = [
+        (&op, vec!["get", "secrets", "-n", "kube-system"]),
+        (&op, vec!["list", "secrets", "-n", "default"]),
+        (&op, vec!["patch", "deployments", "-n", "default"]),
+        (
+            &op,
+            vec!["delete", "persistentvolumeclaims", "-n", &workloads.name],
+        ),
+        (&op, vec!["create", "customresourcedefinitions"]),
+        (&op, vec!["delete", "nodes"]),
+        (&wh, vec!["get", "secrets", "-n", "kube-system"]),
+        (
+            &wh,
+            vec![
+                "get",
+                "secrets/appset-config-hash-key",
+                "-n",
+                &release_ns.name,
+            ],
+        ),
+        (
+            &wh,
+            vec!["patch", "mutatingwebhookconfigurations/some-other-webhook"],
+        ),
+    ];
+    for (who, args) in &denied {
+        assert!(
+            !can_i(who, args)?,
+            "{who} may {args:?}, which it does not need"
+        );
+    }
+
+    // Upgrade with changed values, then uninstall: nothing of the release is left but the CRDs.
+    run_ok(
+        "helm",
+        &[
+            "upgrade",
+            &release,
+            &chart(),
+            "-n",
+            &release_ns.name,
+            "--reuse-values",
+            "--set",
+            "webhook.timeoutSeconds=12",
+        ],
+    )?;
+    let timeout = run_ok(
+        "kubectl",
+        &[
+            "get",
+            "mutatingwebhookconfiguration",
+            &format!("{full}-webhook"),
+            "-o",
+            "jsonpath={.webhooks[0].timeoutSeconds}",
+        ],
+    )?;
+    assert_eq!(timeout.trim(), "12");
+    drop(operator);
+    drop(webhook);
+    run_ok(
+        "helm",
+        &["uninstall", &release, "-n", &release_ns.name, "--wait"],
+    )?;
+    let selector = format!("app.kubernetes.io/instance={release}");
+    for kind in [
+        "clusterroles",
+        "clusterrolebindings",
+        "mutatingwebhookconfigurations",
+    ] {
+        let left = run_ok("kubectl", &["get", kind, "-l", &selector, "-o", "name"])?;
+        assert!(
+            left.trim().is_empty(),
+            "{kind} left after uninstall: {left}"
+        );
+    }
+    for ns in [&release_ns.name, &workloads.name] {
+        let left = run_ok(
+            "kubectl",
+            &[
+                "get",
+                "roles,rolebindings,serviceaccounts,services",
+                "-n",
+                ns,
+                "-l",
+                &selector,
+                "-o",
+                "name",
+            ],
+        )?;
+        assert!(left.trim().is_empty(), "objects left in {ns}: {left}");
+    }
+    run_ok(
+        "kubectl",
+        &[
+            "get",
+            "crd",
+            "appsets.appset.dev",
+            "podinjections.appset.dev",
+        ],
+    )?;
+    release_ns.cleanup().await;
+    workloads.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn leader_election_hands_over_and_an_in_flight_rollout_completes() -> Result<()> {
+    let home = TestNamespace::new("chart-lease").await?;
+    let wl = TestNamespace::new("chart-lease-wl").await?;
+    let dir = scratch_dir(&home.name)?;
+    let kubeconfig = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
+    let start = |id: &str| -> Result<Process> {
+        Process::start(
+            &binary("appset-operator")?,
+            &[
+                "--namespaces",
+                &wl.name,
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()?),
+                "--leader-elect",
+                "--lease-name",
+                "appset-e2e",
+                "--coalesce-window",
+                "3s",
+                "--min-rollout-interval",
+                "1s",
+                "--log-format",
+                "text",
+            ],
+            &[
+                ("KUBECONFIG", &kubeconfig),
+                ("POD_NAMESPACE", &home.name),
+                ("POD_NAME", id),
+            ],
+            dir.join(format!("{id}.log")),
+        )
+    };
+    let leases = home.api::<Lease>();
+    let holder = || async {
+        Ok::<_, anyhow::Error>(
+            leases
+                .get_opt("appset-e2e")
+                .await?
+                .and_then(|l| l.spec)
+                .and_then(|s| s.holder_identity)
+                .unwrap_or_default(),
+        )
+    };
+    let mut first = start("first")?;
+    wait_for("first to lead", Duration::from_secs(30), || async {
+        let h = holder().await?;
+        Ok(if h == "first" {
+            Ok(())
+        } else {
+            Err(format!("holder {h:?}"))
+        })
+    })
+    .await?;
+    let mut second = start("second")?;
+
+    let cms = wl.api::<ConfigMap>();
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"k": "1"}}))?,
+    )
+    .await?;
+    let deployments = wl.api::<Deployment>();
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "app", "annotations": {"appset.dev/config-rollout": "auto"}},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "app"}},
+                    "template": {"metadata": {"labels": {"app": "app"}}, "spec": {"containers": [{
+                        "name": "c", "image": "i", "envFrom": [{"configMapRef": {"name": "cfg"}}]}]}}}
+            }))?,
+        )
+        .await?;
+    wait_for("the baseline", Duration::from_secs(30), || async {
+        let a = deployments
+            .get("app")
+            .await?
+            .metadata
+            .annotations
+            .unwrap_or_default();
+        Ok(if a.contains_key("appset.dev/config-hash-observed") {
+            Ok(())
+        } else {
+            Err(format!("{a:?}"))
+        })
+    })
+    .await?;
+    // Only the leader acts: the standby's log shows no reconcile.
+    let standby_log = std::fs::read_to_string(&second.log).unwrap_or_default();
+    assert!(
+        !standby_log.contains("recorded the config baseline"),
+        "the standby reconciled:\n{standby_log}"
+    );
+
+    // Change the data, then crash the leader inside the coalescing window: the rollout is in
+    // flight. The standby takes over within the lease duration and completes it.
+    cms.patch(
+        "cfg",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "2"}})),
+    )
+    .await?;
+    first.kill();
+    let took_over = std::time::Instant::now();
+    wait_for("second to lead", Duration::from_secs(40), || async {
+        let h = holder().await?;
+        Ok(if h == "second" {
+            Ok(())
+        } else {
+            Err(format!("holder {h:?}"))
+        })
+    })
+    .await?;
+    eprintln!("handover after {:?}", took_over.elapsed());
+    let rs = wl.api::<ReplicaSet>();
+    wait_for(
+        "the in-flight rollout to complete",
+        Duration::from_secs(60),
+        || async {
+            let items = rs
+                .list(&ListParams::default().labels("app=app"))
+                .await?
+                .items;
+            let hashes: BTreeMap<String, i32> = items
+                .iter()
+                .map(|r| {
+                    (
+                        r.metadata.name.clone().unwrap_or_default(),
+                        r.status.as_ref().map(|s| s.replicas).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            Ok(if items.len() >= 2 {
+                Ok(())
+            } else {
+                Err(format!("ReplicaSets {hashes:?}"))
+            })
+        },
+    )
+    .await
+    .with_context(|| format!("second's log:\n{}", second.log_tail()))?;
+    assert!(second.running(), "second exited:\n{}", second.log_tail());
+    drop(second);
+    home.cleanup().await;
+    wl.cleanup().await;
+    Ok(())
+}
