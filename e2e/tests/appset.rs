@@ -1081,3 +1081,79 @@ async fn a_config_map_change_rolls_a_config_aware_appset() -> Result<()> {
     ns.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_reuses_the_old_revision_and_history_is_pruned() -> Result<()> {
+    let ns = TestNamespace::new("aps-history").await?;
+    let _ctl = start(&ns);
+    let api = ns.api::<AppSet>();
+    api.create(
+        &PostParams::default(),
+        &appset(
+            "web",
+            2,
+            json!({"podManagementPolicy": "Parallel", "revisionHistoryLimit": 1}),
+        )?,
+    )
+    .await?;
+    wait_settled(&ns, "web", 2).await?;
+    let revision = || async {
+        Ok::<_, anyhow::Error>(
+            api.get("web")
+                .await?
+                .status
+                .and_then(|s| s.update_revision)
+                .unwrap_or_default(),
+        )
+    };
+    let first = revision().await?;
+    let annotate = |v: &str| json!({"template": {"metadata": {"annotations": {"v": v}}}});
+    patch_spec(&ns, "web", annotate("2")).await?;
+    wait_settled(&ns, "web", 2).await?;
+    let second = revision().await?;
+    assert_ne!(second, first);
+    // Back to the first template: the first revision is reused, with a higher number.
+    patch_spec(
+        &ns,
+        "web",
+        json!({"template": {"metadata": {"annotations": null}}}),
+    )
+    .await?;
+    wait_settled(&ns, "web", 2).await?;
+    assert_eq!(revision().await?, first);
+    let revs = ns.api::<ControllerRevision>();
+    let numbers: BTreeMap<String, i64> = revs
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|r| (r.name_any(), r.revision.unwrap_or_default()))
+        .collect();
+    assert!(
+        numbers.get(&first) > numbers.get(&second),
+        "rollback renumbers: {numbers:?}"
+    );
+    // Two more templates: with revisionHistoryLimit 1, only the live revision and one more stay.
+    patch_spec(&ns, "web", annotate("3")).await?;
+    wait_settled(&ns, "web", 2).await?;
+    patch_spec(&ns, "web", annotate("4")).await?;
+    wait_settled(&ns, "web", 2).await?;
+    let live = revision().await?;
+    wait_for("history pruned to the limit", LONG, || async {
+        let names: BTreeSet<String> = revs
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|r| r.name_any())
+            .collect();
+        Ok(if names.len() == 2 && names.contains(&live) {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        })
+    })
+    .await?;
+    ns.cleanup().await;
+    Ok(())
+}
