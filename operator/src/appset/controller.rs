@@ -1026,3 +1026,72 @@ async fn config_hash(
     }
     Ok(Some(hash::digest(&ctx.keyring.current, &fetched.sources)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("valid pod")
+    }
+
+    #[test]
+    fn pod_info_reads_ordinal_revision_phase_and_readiness() {
+        let p = pod(json!({
+            "metadata": {"name": "web-2", "uid": "u2",
+                "labels": {"controller-revision-hash": "web-abc"}},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:10Z"}
+            ]}
+        }));
+        let info = pod_info("web", &p).expect("an AppSet pod");
+        assert_eq!(info.ordinal, 2);
+        assert_eq!(info.uid, "u2");
+        assert_eq!(info.revision.as_deref(), Some("web-abc"));
+        assert_eq!(info.phase, PodPhase::Running);
+        assert!(info.ready);
+        assert_eq!(info.ready_since, Some(1_767_225_610));
+        assert!(!info.terminating);
+    }
+
+    #[test]
+    fn pod_info_of_an_unready_terminating_pod_and_foreign_names() {
+        let p = pod(json!({
+            "metadata": {"name": "web-0", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}]}
+        }));
+        let info = pod_info("web", &p).expect("an AppSet pod");
+        assert!(info.terminating && !info.ready);
+        assert_eq!(info.phase, PodPhase::Pending);
+        assert_eq!(info.revision, None);
+        assert!(pod_info("web", &pod(json!({"metadata": {"name": "webby-0"}}))).is_none());
+        assert!(pod_info("web", &pod(json!({"metadata": {"name": "web-x"}}))).is_none());
+    }
+
+    #[test]
+    fn controller_ownership() {
+        let owner = |uid: &str, controller: Option<bool>| OwnerReference {
+            api_version: "appset.dev/v1alpha1".into(),
+            kind: "AppSet".into(),
+            name: "web".into(),
+            uid: uid.into(),
+            controller,
+            block_owner_deletion: None,
+        };
+        let meta = |refs: Vec<OwnerReference>| ObjectMeta {
+            owner_references: Some(refs),
+            ..Default::default()
+        };
+        assert_eq!(
+            is_controlled_by(&meta(vec![owner("a", Some(true))]), "a"),
+            Some(true)
+        );
+        assert_eq!(
+            is_controlled_by(&meta(vec![owner("b", Some(true))]), "a"),
+            Some(false)
+        );
+        assert_eq!(is_controlled_by(&meta(vec![owner("a", None)]), "a"), None);
+        assert_eq!(is_controlled_by(&ObjectMeta::default(), "a"), None);
+    }
+}
