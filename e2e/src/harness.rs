@@ -66,12 +66,16 @@ impl TestNamespace {
             .with_context(|| format!("create namespace {name}"))?;
         let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(client.clone(), &name);
-        wait_for("the default ServiceAccount", Duration::from_secs(30), || async {
-            Ok(match sas.get_opt("default").await? {
-                Some(_) => Ok(()),
-                None => Err("not created yet".to_string()),
-            })
-        })
+        wait_for(
+            "the default ServiceAccount",
+            Duration::from_secs(30),
+            || async {
+                Ok(match sas.get_opt("default").await? {
+                    Some(_) => Ok(()),
+                    None => Err("not created yet".to_string()),
+                })
+            },
+        )
         .await?;
         Ok(Self { client, name })
     }
@@ -124,7 +128,10 @@ where
             Err(err) => format!("error: {err:#}"),
         };
         if start.elapsed() >= deadline {
-            bail!("timed out after {:?} waiting for {what}; last saw: {last}", start.elapsed());
+            bail!(
+                "timed out after {:?} waiting for {what}; last saw: {last}",
+                start.elapsed()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -13,7 +13,10 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 fn kubectl(args: &[&str]) -> Result<(bool, String)> {
-    let out = Command::new("kubectl").args(args).output().context("run kubectl")?;
+    let out = Command::new("kubectl")
+        .args(args)
+        .output()
+        .context("run kubectl")?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), text))
@@ -38,7 +41,11 @@ async fn deployment_becomes_ready_and_rolls_out_a_new_replicaset() -> Result<()>
     wait_for("3 ready replicas", Duration::from_secs(90), || async {
         let d = deployments.get("web").await?;
         let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
-        Ok(if ready == 3 { Ok(()) } else { Err(format!("{ready} ready")) })
+        Ok(if ready == 3 {
+            Ok(())
+        } else {
+            Err(format!("{ready} ready"))
+        })
     })
     .await?;
 
@@ -47,22 +54,28 @@ async fn deployment_becomes_ready_and_rolls_out_a_new_replicaset() -> Result<()>
         .patch("web", &PatchParams::default(), &Patch::Strategic(&patch))
         .await?;
     let replicasets = ns.api::<ReplicaSet>();
-    wait_for("a second ReplicaSet, fully rolled out", Duration::from_secs(90), || async {
-        let list = replicasets.list(&ListParams::default()).await?;
-        let d = deployments.get("web").await?;
-        let st = d.status.unwrap_or_default();
-        let done = list.items.len() == 2 && st.updated_replicas == Some(3) && st.ready_replicas == Some(3);
-        Ok(if done {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} ReplicaSets, updated {:?}, ready {:?}",
-                list.items.len(),
-                st.updated_replicas,
-                st.ready_replicas
-            ))
-        })
-    })
+    wait_for(
+        "a second ReplicaSet, fully rolled out",
+        Duration::from_secs(90),
+        || async {
+            let list = replicasets.list(&ListParams::default()).await?;
+            let d = deployments.get("web").await?;
+            let st = d.status.unwrap_or_default();
+            let done = list.items.len() == 2
+                && st.updated_replicas == Some(3)
+                && st.ready_replicas == Some(3);
+            Ok(if done {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} ReplicaSets, updated {:?}, ready {:?}",
+                    list.items.len(),
+                    st.updated_replicas,
+                    st.ready_replicas
+                ))
+            })
+        },
+    )
     .await?;
     ns.cleanup().await;
     Ok(())
@@ -80,7 +93,11 @@ async fn claim_in_the_default_storage_class_binds() -> Result<()> {
     wait_for("the claim to be Bound", Duration::from_secs(60), || async {
         let c = claims.get("data").await?;
         let phase = c.status.and_then(|s| s.phase).unwrap_or_default();
-        Ok(if phase == "Bound" { Ok(()) } else { Err(format!("phase {phase:?}")) })
+        Ok(if phase == "Bound" {
+            Ok(())
+        } else {
+            Err(format!("phase {phase:?}"))
+        })
     })
     .await?;
     ns.cleanup().await;
@@ -92,7 +109,10 @@ async fn appset_crds_are_installed_and_explained() -> Result<()> {
     let (ok, text) = kubectl(&["explain", "appset.spec.updateStrategy"])?;
     assert!(ok, "kubectl explain failed: {text}");
     assert!(text.contains("rollingUpdate"), "{text}");
-    assert!(text.contains("highest ordinal first"), "field docs missing: {text}");
+    assert!(
+        text.contains("highest ordinal first"),
+        "field docs missing: {text}"
+    );
     let (ok, text) = kubectl(&["explain", "podinjection.spec.volumes"])?;
     assert!(ok, "kubectl explain failed: {text}");
     assert!(text.contains("emptyDir"), "{text}");
@@ -118,12 +138,18 @@ async fn invalid_appset_is_rejected_with_a_message_naming_the_field() -> Result<
     let api: kube::Api<appset_crds::AppSet> = ns.api();
     let cases = [
         (json!({"replicas": -1}), "spec.replicas"),
-        (json!({"selector": {"matchLabels": {"app": "y"}}}), "spec.selector.matchLabels must match"),
+        (
+            json!({"selector": {"matchLabels": {"app": "y"}}}),
+            "spec.selector.matchLabels must match",
+        ),
         (
             json!({"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0}}}),
             "maxUnavailable must be",
         ),
-        (json!({"podManagementPolicy": "Sometimes"}), "spec.podManagementPolicy"),
+        (
+            json!({"podManagementPolicy": "Sometimes"}),
+            "spec.podManagementPolicy",
+        ),
     ];
     for (extra, expected) in cases {
         let obj: appset_crds::AppSet = match serde_json::from_value(base(extra.clone())) {
@@ -133,13 +159,22 @@ async fn invalid_appset_is_rejected_with_a_message_naming_the_field() -> Result<
                 let raw = base(extra.clone());
                 let (ok, text) = kubectl_apply(&ns.name, &raw)?;
                 assert!(!ok, "{extra} was accepted");
-                assert!(text.contains(expected), "{extra}: message {text:?} does not name {expected}");
+                assert!(
+                    text.contains(expected),
+                    "{extra}: message {text:?} does not name {expected}"
+                );
                 continue;
             }
         };
-        let err = api.create(&PostParams::default(), &obj).await.expect_err("must be rejected");
+        let err = api
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect_err("must be rejected");
         let text = err.to_string();
-        assert!(text.contains(expected), "{extra}: message {text:?} does not name {expected}");
+        assert!(
+            text.contains(expected),
+            "{extra}: message {text:?} does not name {expected}"
+        );
     }
     // A valid one is accepted and defaulted by the API server.
     let good: appset_crds::AppSet = serde_json::from_value(base(json!({})))?;

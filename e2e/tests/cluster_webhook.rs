@@ -40,10 +40,12 @@ fn pki() -> Result<TestPki> {
     let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
     let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der())
         .map_err(|e| anyhow::anyhow!("key: {e}"))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key)?;
     Ok(TestPki {
         ca_pem: ca.pem(),
         acceptor: TlsAcceptor::from(Arc::new(config)),
@@ -51,7 +53,9 @@ fn pki() -> Result<TestPki> {
 }
 
 /// Answers every AdmissionReview by adding the label `e2e.appset.dev/mutated: "yes"`.
-async fn handle(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let body = req.into_body().collect().await?.to_bytes();
     let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let uid = review["request"]["uid"].clone();
@@ -61,13 +65,16 @@ async fn handle(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Byt
     } else {
         json!([{"op": "add", "path": "/metadata/labels", "value": {"e2e.appset.dev/mutated": "yes"}}])
     };
-    let patch = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&patch).unwrap_or_default());
+    let patch = base64::engine::general_purpose::STANDARD
+        .encode(serde_json::to_vec(&patch).unwrap_or_default());
     let response = json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "response": {"uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": patch}
     });
-    Ok(Response::new(Full::new(Bytes::from(serde_json::to_vec(&response).unwrap_or_default()))))
+    Ok(Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(&response).unwrap_or_default(),
+    ))))
 }
 
 #[tokio::test]
@@ -79,7 +86,9 @@ async fn api_server_calls_a_loopback_webhook_and_applies_its_patch() -> Result<(
     let acceptor = pki.acceptor.clone();
     let server = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { break };
+            let Ok((tcp, _)) = listener.accept().await else {
+                break;
+            };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(tcp).await {
@@ -121,7 +130,10 @@ async fn api_server_calls_a_loopback_webhook_and_applies_its_patch() -> Result<(
             "metadata": {"name": format!("p{attempt}"), "labels": {"app": "x"}},
             "spec": {"containers": [{"name": "c", "image": "nginx"}]}
         }))?;
-        let created = pods.create(&PostParams::default(), &pod).await.context("create pod")?;
+        let created = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .context("create pod")?;
         let labels = created.metadata.labels.unwrap_or_default();
         if labels.get("e2e.appset.dev/mutated").map(String::as_str) == Some("yes") {
             mutated = true;
@@ -132,7 +144,10 @@ async fn api_server_calls_a_loopback_webhook_and_applies_its_patch() -> Result<(
     }
     mwcs.delete(&name, &DeleteParams::default()).await?;
     server.abort();
-    assert!(mutated, "the webhook's patch never appeared; last labels {seen}");
+    assert!(
+        mutated,
+        "the webhook's patch never appeared; last labels {seen}"
+    );
     ns.cleanup().await;
     Ok(())
 }
