@@ -195,7 +195,7 @@ where
             message: "the request has no object".into(),
         };
     };
-    let pod: Pod = match serde_json::from_value(object.clone()) {
+    let pod: Pod = match Pod::deserialize(object) {
         Ok(p) => p,
         Err(e) => {
             return Decision::Invalid {

@@ -238,8 +238,13 @@ pub async fn run(
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
+            // The header timer also runs while a keep-alive connection is idle. It is longer than
+            // the API server's idle timeout (90 s), so the API server closes an idle connection
+            // first: it does not retry a POST sent on a connection the server closed under it.
+            // For the same reason connections are not closed when the certificate is renewed;
+            // they keep the certificate of their handshake.
             let conn = http1::Builder::new()
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(Duration::from_secs(120))
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
