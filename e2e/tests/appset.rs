@@ -1157,3 +1157,95 @@ async fn rollback_reuses_the_old_revision_and_history_is_pruned() -> Result<()> 
     ns.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_statefulset_pods_are_adopted_then_rolled() -> Result<()> {
+    let ns = TestNamespace::new("aps-orphan").await?;
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "db"},
+        "spec": {
+            "replicas": 2,
+            "serviceName": "db",
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {
+                "metadata": {"labels": {"app": "db"}},
+                "spec": {"containers": [{"name": "main", "image": "postgres:17",
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+            }]
+        }
+    }))?;
+    let stss = ns.api::<StatefulSet>();
+    stss.create(&PostParams::default(), &sts).await?;
+    let pods = ns.api::<Pod>();
+    wait_for("the StatefulSet's 2 pods Ready", LONG, || async {
+        let list = pods.list(&ListParams::default()).await?;
+        let ready = list.items.iter().filter(|p| is_ready(p)).count();
+        Ok(if ready == 2 {
+            Ok(())
+        } else {
+            Err(format!("{ready} ready"))
+        })
+    })
+    .await?;
+    // `kubectl delete statefulset db --cascade=orphan`.
+    stss.delete(
+        "db",
+        &DeleteParams {
+            propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+            ..Default::default()
+        },
+    )
+    .await?;
+    wait_for("orphaned pods", LONG, || async {
+        let list = pods.list(&ListParams::default()).await?;
+        let orphans = list
+            .items
+            .iter()
+            .filter(|p| p.owner_references().is_empty())
+            .count();
+        let gone = stss.get_opt("db").await?.is_none();
+        Ok(if orphans == 2 && gone {
+            Ok(())
+        } else {
+            Err(format!("{orphans} orphans, statefulset gone: {gone}"))
+        })
+    })
+    .await?;
+
+    let _ctl = start(&ns);
+    let mut set = appset("db", 2, json!({"podManagementPolicy": "Parallel"}))?;
+    set.spec
+        .template
+        .spec
+        .as_mut()
+        .context("pod spec")?
+        .containers[0]
+        .image = Some("postgres:17".into());
+    ns.api::<AppSet>()
+        .create(&PostParams::default(), &set)
+        .await?;
+    let settled = wait_settled(&ns, "db", 2).await?;
+    assert!(
+        settled
+            .values()
+            .all(|p| p.owner_references().iter().any(|r| r.kind == "AppSet"))
+    );
+    let events = ns
+        .api::<k8s_openapi::api::events::v1::Event>()
+        .list(&ListParams::default())
+        .await?;
+    let adopted = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("AdoptedPod"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum::<i32>();
+    assert_eq!(adopted, 2, "both orphans were adopted before being rolled");
+    ns.cleanup().await;
+    Ok(())
+}
