@@ -48,6 +48,7 @@ async fn wait_all_ready(ns: &TestNamespace, n: usize, deadline: Duration) -> Res
     let start = Instant::now();
     let pods = ns.api::<Pod>();
     let claims = ns.api::<PersistentVolumeClaim>();
+    let mut last_print = Instant::now();
     loop {
         let ready = pods
             .list(&ListParams::default())
@@ -75,11 +76,23 @@ async fn wait_all_ready(ns: &TestNamespace, n: usize, deadline: Duration) -> Res
         if ready >= n && bound >= n {
             return Ok(start.elapsed());
         }
+        if verbose() && last_print.elapsed() >= Duration::from_secs(2) {
+            last_print = Instant::now();
+            eprintln!(
+                "  {:>6.1}s: {ready}/{n} pods Ready, {bound}/{n} claims Bound",
+                start.elapsed().as_secs_f64()
+            );
+        }
         if start.elapsed() > deadline {
             bail!("not ready after {deadline:?}: {ready}/{n} pods Ready, {bound}/{n} claims Bound");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `APPSET_BENCH_VERBOSE=1` prints progress every two seconds (on stderr).
+fn verbose() -> bool {
+    std::env::var_os("APPSET_BENCH_VERBOSE").is_some()
 }
 
 async fn time_statefulset(replicas: i32, policy: &str) -> Result<Duration> {

@@ -289,11 +289,14 @@ async fn reconcile(set: Arc<AppSet>, ctx: Arc<Context>) -> Result<Action, Error>
     let name = set.name_any();
     let ns = set.namespace().unwrap_or_default();
     let span = info_span!("reconcile_appset", appset = %name, namespace = %ns);
-    let action = reconcile_inner(&set, &ctx).instrument(span).await?;
-    if let Ok(mut f) = ctx.failures.lock() {
+    let result = reconcile_inner(&set, &ctx).instrument(span).await;
+    // Success, or an AppSet on its way out, resets the backoff.
+    if (result.is_ok() || set.metadata.deletion_timestamp.is_some())
+        && let Ok(mut f) = ctx.failures.lock()
+    {
         f.remove(&ObjectRef::from_obj(set.as_ref()));
     }
-    Ok(action)
+    result
 }
 
 /// One Event on the AppSet; failures to publish are logged, never fatal.
