@@ -119,6 +119,16 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
         .expect("bad body");
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = conn
+        .send(
+            Method::POST,
+            "/mutate-pods",
+            Bytes::from(vec![b' '; server::MAX_BODY + 1]),
+        )
+        .await
+        .expect("large body");
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let mut conn = probe.connect().await.expect("reconnect");
+    let (status, _) = conn
         .send(Method::GET, "/nope", Bytes::new())
         .await
         .expect("404");
@@ -132,6 +142,10 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
     assert!(text.contains("appset_webhook_injections_total 1"), "{text}");
     assert!(
         text.contains("appset_webhook_errors_total{kind=\"bad_request\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("appset_webhook_errors_total{kind=\"body\"} 1"),
         "{text}"
     );
 
@@ -168,4 +182,48 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
 
     let _ = stop_tx.send(());
     server.await.expect("join").expect("server");
+}
+
+#[test]
+fn lookup_reads_injections_and_namespace_labels_from_memory() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::core::PartialObjectMeta;
+    let (store, mut writer) = reflector::store::<PodInjection>();
+    writer.apply_watcher_event(&watcher::Event::Apply(injection()));
+    let mut other = injection();
+    other.metadata.namespace = Some("elsewhere".into());
+    writer.apply_watcher_event(&watcher::Event::Apply(other));
+    let (namespaces, mut ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let mut ns = PartialObjectMeta::<Namespace>::default();
+    ns.metadata.name = Some("site".into());
+    ns.metadata.labels = Some(
+        [("appset.dev/injection".to_string(), "enabled".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    ns_writer.apply_watcher_event(&watcher::Event::Apply(ns));
+    let state = AppState {
+        injections: store,
+        namespaces: Some(namespaces),
+        resolver: Arc::new(CertResolver::new()),
+        metrics: Metrics::new(),
+        synced: Default::default(),
+        denials: None,
+    };
+    let (found, labels) = state.lookup("site");
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        labels.and_then(|l| l.get("appset.dev/injection").cloned()),
+        Some("enabled".to_string())
+    );
+    let (found, labels) = state.lookup("unknown");
+    assert!(found.is_empty());
+    assert_eq!(
+        labels, None,
+        "an unknown namespace is left to the webhook configuration"
+    );
+    assert_eq!(
+        state.readiness(),
+        Err("the PodInjection watch has not synced yet")
+    );
 }
