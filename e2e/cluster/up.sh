@@ -178,7 +178,13 @@ fi
 
 log "installing the appset CRDs"
 kubectl --kubeconfig "$kubeconfig" apply --server-side --force-conflicts -f "$repo/charts/appset/crds/" >/dev/null
-kubectl --kubeconfig "$kubeconfig" wait --for=condition=Established crd --all --timeout=60s >/dev/null
+# A CRD has no status for a moment after its creation, and `kubectl wait` fails rather than
+# waits on that: retry until every CRD is Established.
+for i in $(seq 1 60); do
+  kubectl --kubeconfig "$kubeconfig" wait --for=condition=Established crd --all --timeout=5s >/dev/null 2>&1 && break
+  [[ $i == 60 ]] && { log "the appset CRDs did not become Established"; exit 1; }
+  sleep 1
+done
 
 cat <<EOF
 appset local cluster is up (Kubernetes v$K8S_VERSION, 2 KWOK nodes, StorageClass "standard").
