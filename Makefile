@@ -35,4 +35,7 @@ unit:
 e2e:
 	e2e/run.sh
 
+bench:
+	e2e/bench.sh
+
 test: lint unit e2e
