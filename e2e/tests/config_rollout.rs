@@ -39,7 +39,12 @@ struct Operator {
 
 impl Operator {
     async fn start(ns: &TestNamespace) -> Result<Self> {
+        Self::start_with(ns, false).await
+    }
+
+    async fn start_with(ns: &TestNamespace, reloader_compat: bool) -> Result<Self> {
         let mut settings = Settings::new(&ns.name);
+        settings.reloader_compat = reloader_compat;
         settings.namespaces = vec![ns.name.clone()];
         settings.policy = Policy {
             window: WINDOW,
@@ -733,6 +738,55 @@ async fn only_one_replica_leads_and_a_dead_leader_is_replaced() -> Result<()> {
     let spec = lease.spec.unwrap_or_default();
     assert_eq!(spec.holder_identity.as_deref(), Some("replica-b"));
     assert_eq!(spec.lease_transitions, Some(1));
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn reloader_annotations_are_honoured_only_in_compatibility_mode() -> Result<()> {
+    let ns = TestNamespace::new("cfg-reloader").await?;
+    let op = Operator::start_with(&ns, true).await?;
+    let cms = ns.api::<ConfigMap>();
+    let deploys = ns.api::<Deployment>();
+    create(&cms, config_map("legacy", json!({"k": "v"}))).await?;
+    let env_from = json!({"container": {"envFrom": [{"configMapRef": {"name": "legacy"}}]}});
+    create(
+        &deploys,
+        deployment(
+            "migrated",
+            json!({ keys::RELOADER_AUTO: "true" }),
+            env_from.clone(),
+        ),
+    )
+    .await?;
+    wait_adopted(&deploys, "migrated").await?;
+    wait_replica_sets(&ns, "migrated", 1).await?;
+    merge(&cms, "legacy", json!({"data": {"k": "w"}})).await?;
+    wait_replica_sets(&ns, "migrated", 2).await?;
+    op.stop().await?;
+
+    // Without the flag, the same annotation means nothing; a neighbour with appset's own
+    // annotation proves the controller is at work.
+    let plain = Operator::start(&ns).await?;
+    create(
+        &deploys,
+        deployment(
+            "ignored",
+            json!({ keys::RELOADER_AUTO: "true" }),
+            env_from.clone(),
+        ),
+    )
+    .await?;
+    create(&deploys, deployment("native", auto(), env_from)).await?;
+    wait_adopted(&deploys, "native").await?;
+    wait_replica_sets(&ns, "ignored", 1).await?;
+    merge(&cms, "legacy", json!({"data": {"k": "x"}})).await?;
+    wait_replica_sets(&ns, "native", 2).await?;
+    tokio::time::sleep(QUIET).await;
+    let ignored = deploys.get("ignored").await?;
+    assert_eq!(annotation(&ignored, keys::CONFIG_HASH_OBSERVED), None);
+    assert_eq!(replica_sets(&ns, "ignored").await?.len(), 1);
+    plain.stop().await?;
     ns.cleanup().await;
     Ok(())
 }
