@@ -20,6 +20,7 @@ use appset_crds::PodInjection;
 use appset_crds::keys;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
+use kube::core::{Selector, SelectorExt};
 
 /// Whether a namespace's labels opt it into injection.
 pub fn namespace_enabled(labels: &BTreeMap<String, String>) -> bool {
@@ -35,26 +36,11 @@ pub fn pod_opted_out(annotations: &BTreeMap<String, String>) -> bool {
         .is_some_and(|v| v == keys::INJECTION_DISABLED)
 }
 
-/// Whether `selector` matches `labels`, with the semantics of Kubernetes label selectors:
-/// every `matchLabels` pair and every `matchExpressions` requirement must hold.
+/// Whether `selector` matches `labels`, with the semantics of Kubernetes label selectors
+/// (kube's [`Selector`]): every `matchLabels` pair and every `matchExpressions` requirement must
+/// hold. A selector with an unknown operator matches nothing.
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = selector.match_expressions.iter().flatten().all(|req| {
-        let values = req.values.as_deref().unwrap_or_default();
-        let value = labels.get(&req.key);
-        match req.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
+    Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
 /// The PodInjections of `namespace` whose selectors match `pod_labels`, sorted by name.
