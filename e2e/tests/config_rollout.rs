@@ -790,3 +790,74 @@ async fn reloader_annotations_are_honoured_only_in_compatibility_mode() -> Resul
     ns.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_namespace_selector_is_followed_live() -> Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let ns = TestNamespace::new("cfg-select").await?;
+    // Every namespace, filtered by a label only this test's namespace will carry.
+    let mut settings = Settings::new(&ns.name);
+    settings.namespace_selector = Some(format!("appset-e2e-config-selector={}", ns.name));
+    settings.policy = Policy {
+        window: WINDOW,
+        min_interval: MIN_INTERVAL,
+    };
+    let readiness = Readiness::default();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (client, r) = (ns.client.clone(), readiness.clone());
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        controller::run(client, settings, Metrics::default(), r, shutdown).await
+    });
+    wait_for("the controller's caches to sync", DEADLINE, || async {
+        Ok(if readiness.is_ready() {
+            Ok(())
+        } else {
+            Err("not ready".to_string())
+        })
+    })
+    .await?;
+
+    let cms = ns.api::<ConfigMap>();
+    let deploys = ns.api::<Deployment>();
+    create(&cms, config_map("cfg", json!({"k": "1"}))).await?;
+    let env_from = json!({"container": {"envFrom": [{"configMapRef": {"name": "cfg"}}]}});
+    create(&deploys, deployment("web", auto(), env_from)).await?;
+    tokio::time::sleep(QUIET).await;
+    let d = deploys.get("web").await?;
+    assert_eq!(
+        annotation(&d, keys::CONFIG_HASH_OBSERVED),
+        None,
+        "the namespace is not selected yet"
+    );
+
+    let namespaces: Api<Namespace> = Api::all(ns.client.clone());
+    let label =
+        |value: Value| json!({"metadata": {"labels": {"appset-e2e-config-selector": value}}});
+    merge(&namespaces, &ns.name, label(json!(ns.name))).await?;
+    wait_adopted(&deploys, "web").await?;
+    merge(&cms, "cfg", json!({"data": {"k": "2"}})).await?;
+    wait_replica_sets(&ns, "web", 2).await?;
+
+    // The namespace leaves the selection: changes no longer roll.
+    merge(&namespaces, &ns.name, label(Value::Null)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    merge(&cms, "cfg", json!({"data": {"k": "3"}})).await?;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        replica_sets(&ns, "web").await?.len(),
+        2,
+        "a deselected namespace was rolled"
+    );
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .context("the controller did not stop")?
+        .context("the controller task panicked")?
+        .context("the controller failed")?;
+    ns.cleanup().await;
+    Ok(())
+}

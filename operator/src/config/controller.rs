@@ -28,11 +28,11 @@
 //! change to the pod template that also adds or removes sources rolls the workload once for the
 //! template and once more for the new digest.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use appset_crds::keys;
@@ -40,7 +40,7 @@ use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodTemplateSpec, Secret};
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
@@ -111,6 +111,10 @@ pub struct Settings {
     pub concurrency: u16,
     /// Reported as the Event's reporting instance (e.g. the pod name).
     pub instance: Option<String>,
+    /// A label selector over namespaces (`team=payments`): only workloads in namespaces that
+    /// match it now are handled, within `namespaces`. Followed live: a namespace that gains the
+    /// labels is taken up, one that loses them is dropped.
+    pub namespace_selector: Option<String>,
 }
 
 impl Settings {
@@ -125,6 +129,7 @@ impl Settings {
             key_secret: keyring::DEFAULT_SECRET_NAME.to_string(),
             concurrency: 16,
             instance: None,
+            namespace_selector: None,
         }
     }
 }
@@ -191,6 +196,17 @@ struct Context {
     states: Mutex<HashMap<WorkloadRef, WorkloadState>>,
     recorder: Recorder,
     metrics: Metrics,
+    /// The namespaces matching `settings.namespace_selector`; `None` without a selector.
+    selected: Option<RwLock<HashSet<String>>>,
+}
+
+impl Context {
+    fn in_scope(&self, namespace: &str) -> bool {
+        match &self.selected {
+            None => true,
+            Some(set) => set.read().map(|s| s.contains(namespace)).unwrap_or(false),
+        }
+    }
 }
 
 impl Context {
@@ -298,7 +314,9 @@ async fn reconcile_inner<K: Workload>(
     ctx.metrics.reconciles.get_or_create(&K::KIND.into()).inc();
     let empty = BTreeMap::new();
     let annotations = obj.meta().annotations.as_ref().unwrap_or(&empty);
-    let Some(opt_in) = OptIn::from_annotations(annotations, ctx.settings.reloader_compat) else {
+    let opted = OptIn::from_annotations(annotations, ctx.settings.reloader_compat)
+        .filter(|_| ctx.in_scope(&wref.namespace));
+    let Some(opt_in) = opted else {
         ctx.forget(&wref);
         return Ok(Action::await_change());
     };
@@ -441,6 +459,7 @@ type Senders = Arc<Vec<(WorkloadKind, mpsc::UnboundedSender<WorkloadRef>)>>;
 async fn run_kind<K: Workload>(
     api: Api<K>,
     triggers: mpsc::UnboundedReceiver<WorkloadRef>,
+    reconcile_all: mpsc::UnboundedReceiver<()>,
     ctx: Arc<Context>,
     ready: mpsc::UnboundedSender<()>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
@@ -472,6 +491,7 @@ async fn run_kind<K: Workload>(
     let triggers = triggers.map(|w| ObjectRef::<K>::new(&w.name).within(&w.namespace));
     Controller::for_stream(stream, reader)
         .reconcile_on(triggers)
+        .reconcile_all_on(reconcile_all)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )
@@ -545,6 +565,64 @@ where
         })
 }
 
+/// Follows the namespaces matching `selector` into `ctx.selected`, and reconciles every workload
+/// when the set changes (workloads of a namespace that left are then dropped, those of one that
+/// joined are adopted).
+fn namespace_events(
+    api: Api<PartialObjectMeta<Namespace>>,
+    selector: String,
+    ctx: Arc<Context>,
+    everything: Vec<mpsc::UnboundedSender<()>>,
+    ready: mpsc::UnboundedSender<()>,
+) -> impl Stream<Item = ()> + Send {
+    let mut ready = Some(ready);
+    let mut listing: HashSet<String> = HashSet::new();
+    watcher(api, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .map(move |ev| {
+            let Some(selected) = &ctx.selected else {
+                return;
+            };
+            let changed = match ev {
+                Ok(watcher::Event::Init) => {
+                    listing.clear();
+                    false
+                }
+                Ok(watcher::Event::InitApply(ns)) => {
+                    listing.insert(ns.name_any());
+                    false
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Ok(mut set) = selected.write() {
+                        *set = std::mem::take(&mut listing);
+                        info!(selector = %selector, namespaces = ?set, "namespaces selected by label");
+                    }
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.unbounded_send(());
+                    }
+                    true
+                }
+                Ok(watcher::Event::Apply(ns)) => selected
+                    .write()
+                    .map(|mut set| set.insert(ns.name_any()))
+                    .unwrap_or(false),
+                Ok(watcher::Event::Delete(ns)) => selected
+                    .write()
+                    .map(|mut set| set.remove(&ns.name_any()))
+                    .unwrap_or(false),
+                Err(err) => {
+                    warn!(error = %err, "namespace watch failed; retrying");
+                    false
+                }
+            };
+            if changed {
+                for tx in &everything {
+                    let _ = tx.unbounded_send(());
+                }
+            }
+        })
+}
+
 /// Runs the config rollout controller until `shutdown` completes.
 ///
 /// Reads (or creates) the hash key Secret, then watches the workloads and sources in
@@ -572,6 +650,10 @@ pub async fn run(
         index: Mutex::new(ReverseIndex::default()),
         states: Mutex::new(HashMap::new()),
         metrics,
+        selected: settings
+            .namespace_selector
+            .as_ref()
+            .map(|_| RwLock::new(HashSet::new())),
     });
     let shutdown = shutdown.shared();
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
@@ -590,8 +672,9 @@ pub async fn run(
     }
 
     let (ready_tx, ready_rx) = mpsc::unbounded::<()>();
-    let expected = scopes.len() * 5;
+    let mut expected = scopes.len() * 5;
     let mut tasks: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
+    let mut everything: Vec<mpsc::UnboundedSender<()>> = Vec::new();
     for ns in &scopes {
         let (dtx, drx) = mpsc::unbounded();
         let (stx, srx) = mpsc::unbounded();
@@ -605,6 +688,11 @@ pub async fn run(
             run_kind::<Deployment>(
                 api(&client, ns),
                 drx,
+                {
+                    let (tx, rx) = mpsc::unbounded();
+                    everything.push(tx);
+                    rx
+                },
                 ctx.clone(),
                 ready_tx.clone(),
                 shutdown.clone(),
@@ -615,6 +703,11 @@ pub async fn run(
             run_kind::<StatefulSet>(
                 api(&client, ns),
                 srx,
+                {
+                    let (tx, rx) = mpsc::unbounded();
+                    everything.push(tx);
+                    rx
+                },
                 ctx.clone(),
                 ready_tx.clone(),
                 shutdown.clone(),
@@ -625,6 +718,11 @@ pub async fn run(
             run_kind::<DaemonSet>(
                 api(&client, ns),
                 xrx,
+                {
+                    let (tx, rx) = mpsc::unbounded();
+                    everything.push(tx);
+                    rx
+                },
                 ctx.clone(),
                 ready_tx.clone(),
                 shutdown.clone(),
@@ -664,6 +762,18 @@ pub async fn run(
                 .boxed(),
             );
         }
+    }
+    if let Some(selector) = settings.namespace_selector.clone() {
+        expected += 1;
+        let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        let stream = namespace_events(api, selector, ctx.clone(), everything, ready_tx.clone());
+        let stop = shutdown.clone();
+        tasks.push(
+            async move {
+                stream.take_until(stop).for_each(|_| async {}).await;
+            }
+            .boxed(),
+        );
     }
     drop(ready_tx);
     let stop = shutdown.clone();

@@ -58,8 +58,8 @@ pub struct Options {
         default_value = ""
     )]
     pub namespaces: Vec<String>,
-    /// A label selector over namespaces (e.g. `team=payments`): the namespaces it matches at
-    /// start-up are added to `--namespaces`. Restart the operator to pick up new ones.
+    /// A label selector over namespaces (e.g. `team=payments`): only workloads in namespaces it
+    /// matches are handled, followed live. Needs list/watch on namespaces.
     #[arg(long, env = "APPSET_NAMESPACE_SELECTOR")]
     pub namespace_selector: Option<String>,
     /// The operator's own namespace: home of the hash key Secret and the leader Lease.
@@ -116,6 +116,10 @@ impl Options {
             key_secret: self.hash_key_secret.clone(),
             concurrency: self.concurrency.max(1),
             instance: Some(self.identity()),
+            namespace_selector: self
+                .namespace_selector
+                .clone()
+                .filter(|s| !s.trim().is_empty()),
         }
     }
 
@@ -142,19 +146,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The namespaces matching `--namespace-selector` could not be listed.
-    #[error("cannot list the namespaces matching {selector:?}: {source}")]
-    Namespaces {
-        /// The selector.
-        selector: String,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
-    /// `--namespace-selector` matched no namespace (watching everything instead would be a
-    /// surprise).
-    #[error("no namespace matches the selector {0:?}")]
-    NoNamespaces(String),
     /// The config rollout controller could not start.
     #[error(transparent)]
     Rollout(#[from] rollout::RunError),
@@ -255,33 +246,7 @@ pub async fn run(
     let readiness = Readiness::default();
     let shutdown = shutdown.shared();
 
-    let mut settings = options.settings();
-    if let Some(selector) = options
-        .namespace_selector
-        .as_deref()
-        .filter(|s| !s.trim().is_empty())
-    {
-        let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
-        let list = api
-            .list_metadata(&kube::api::ListParams::default().labels(selector))
-            .await
-            .map_err(|source| Error::Namespaces {
-                selector: selector.to_string(),
-                source,
-            })?;
-        let matched: Vec<String> = list
-            .items
-            .iter()
-            .filter_map(|n| n.metadata.name.clone())
-            .collect();
-        if matched.is_empty() {
-            return Err(Error::NoNamespaces(selector.to_string()));
-        }
-        info!(selector, namespaces = ?matched, "namespaces selected by label");
-        settings.namespaces.extend(matched);
-        settings.namespaces.sort();
-        settings.namespaces.dedup();
-    }
+    let settings = options.settings();
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| Error::Listen {
@@ -360,6 +325,8 @@ mod tests {
             "--reloader-compat",
             "--identity",
             "pod-0",
+            "--namespace-selector",
+            "team=a",
         ])
         .unwrap();
         let s = o.settings();
@@ -369,6 +336,7 @@ mod tests {
         assert!(s.reloader_compat);
         assert_eq!(s.instance.as_deref(), Some("pod-0"));
         assert_eq!(s.key_secret, DEFAULT_SECRET_NAME);
+        assert_eq!(s.namespace_selector.as_deref(), Some("team=a"));
     }
 
     #[test]
