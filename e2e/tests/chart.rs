@@ -257,6 +257,45 @@ async fn chart_rbac_is_sufficient_and_minimal_and_uninstall_is_clean() -> Result
     .await
     .with_context(|| format!("operator log:\n{}", operator.log_tail()))?;
 
+    // The AppSet controller works with the operator's account: pods, claims, Service, revisions.
+    let sets: kube::Api<appset_crds::AppSet> = workloads.api();
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "appset.dev/v1alpha1", "kind": "AppSet",
+            "metadata": {"name": "db"},
+            "spec": {
+                "replicas": 2, "serviceName": "db", "service": "Managed",
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}},
+                "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]
+            }
+        }))?,
+    )
+    .await?;
+    wait_for(
+        "the AppSet to have 2 ready replicas",
+        Duration::from_secs(90),
+        || async {
+            let st = sets.get("db").await?.status.unwrap_or_default();
+            Ok(if st.ready_replicas == 2 {
+                Ok(())
+            } else {
+                Err(format!("status {st:?}"))
+            })
+        },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", operator.log_tail()))?;
+    let claims = workloads.api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>();
+    for name in ["data-db-0", "data-db-1"] {
+        claims
+            .get(name)
+            .await
+            .with_context(|| format!("claim {name}"))?;
+    }
+
     // Injection works with the webhook's account: it wrote its CA into the chart's configuration.
     let pis: kube::Api<appset_crds::PodInjection> = workloads.api();
     pis.create(

@@ -2,9 +2,10 @@
 //! `/healthz`, `/readyz`), leader election, and graceful shutdown.
 //!
 //! Flow of [`main`]: parse [`Options`] → set up logging → build a client → start the HTTP server
-//! (it answers `/healthz` at once, `/readyz` only once the controllers' caches have synced and
-//! this replica leads) → wait for the leader Lease (when `--leader-elect`) → run the controllers
-//! until SIGTERM/SIGINT or the loss of leadership → stop the server.
+//! (it answers `/healthz` at once; `/readyz` while this replica waits for the leader Lease, and
+//! once it leads, only after the controllers' caches have synced) → wait for the leader Lease
+//! (when `--leader-elect`) → run the controllers (config rollout and AppSet) until SIGTERM/SIGINT
+//! or the loss of leadership → stop the server.
 //!
 //! [`run`] is the same without process concerns (logging, signals): the e2e tests and the
 //! benchmark call it, or [`crate::config::controller::run`] directly, in-process.
@@ -15,6 +16,7 @@ pub mod lease;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -123,6 +125,23 @@ impl Options {
         }
     }
 
+    /// The AppSet controller's settings. It watches `--namespaces` (every namespace when
+    /// empty); `--namespace-selector` applies to config rollout only.
+    pub fn appset_settings(&self) -> crate::appset::controller::Settings {
+        let mut s = crate::appset::controller::Settings::new(self.operator_namespace.clone());
+        let namespaces: Vec<String> = self
+            .namespaces
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        s.namespaces = (!namespaces.is_empty()).then_some(namespaces);
+        s.key_secret = self.hash_key_secret.clone();
+        s.concurrency = self.concurrency.max(1);
+        s.instance = Some(self.identity());
+        s
+    }
+
     fn identity(&self) -> String {
         self.identity
             .clone()
@@ -149,6 +168,9 @@ pub enum Error {
     /// The config rollout controller could not start.
     #[error(transparent)]
     Rollout(#[from] rollout::RunError),
+    /// The AppSet controller could not start.
+    #[error("AppSet controller: {0}")]
+    AppSet(#[from] crate::appset::controller::RunError),
     /// Leadership was lost; the process exits so that it restarts as a follower.
     #[error("lost the leader Lease")]
     LostLeadership,
@@ -193,6 +215,7 @@ pub async fn shutdown_signal() {
 struct Http {
     registry: Arc<Registry>,
     readiness: Readiness,
+    standby: Arc<AtomicBool>,
 }
 
 async fn metrics(State(http): State<Http>) -> impl IntoResponse {
@@ -215,15 +238,20 @@ async fn metrics(State(http): State<Http>) -> impl IntoResponse {
 }
 
 async fn readyz(State(http): State<Http>) -> impl IntoResponse {
-    if http.readiness.is_ready() {
+    // A replica waiting for the leader Lease is healthy and ready to take over: reporting it
+    // unready would keep a Deployment of several replicas from ever completing its rollout.
+    if http.standby.load(Ordering::Acquire) {
+        (StatusCode::OK, "standby\n")
+    } else if http.readiness.is_ready() {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n")
     }
 }
 
-/// The HTTP router for `/metrics`, `/healthz` and `/readyz`.
-pub fn router(registry: Arc<Registry>, readiness: Readiness) -> Router {
+/// The HTTP router for `/metrics`, `/healthz` and `/readyz`. `/readyz` answers 200 while
+/// `standby` is set (a replica waiting for leadership), else once the caches have synced.
+pub fn router(registry: Arc<Registry>, readiness: Readiness, standby: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -231,6 +259,7 @@ pub fn router(registry: Arc<Registry>, readiness: Readiness) -> Router {
         .with_state(Http {
             registry,
             readiness,
+            standby,
         })
 }
 
@@ -254,7 +283,8 @@ pub async fn run(
             source,
         })?;
     info!(addr = %options.listen, "serving /metrics, /healthz and /readyz");
-    let app = router(Arc::new(registry), readiness.clone());
+    let standby = Arc::new(AtomicBool::new(options.leader_elect));
+    let app = router(Arc::new(registry), readiness.clone(), standby.clone());
     let server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app)
@@ -266,14 +296,27 @@ pub async fn run(
     });
 
     let mut lost = false;
-    let controllers = {
-        rollout::run(
-            client.clone(),
-            settings,
-            metrics,
-            readiness.clone(),
-            shutdown.clone(),
+    let appset_settings = options.appset_settings();
+    let controllers = async {
+        tokio::try_join!(
+            async {
+                rollout::run(
+                    client.clone(),
+                    settings,
+                    metrics,
+                    readiness.clone(),
+                    shutdown.clone(),
+                )
+                .await
+                .map_err(Error::from)
+            },
+            async {
+                crate::appset::controller::run(client.clone(), appset_settings, shutdown.clone())
+                    .await
+                    .map_err(Error::from)
+            },
         )
+        .map(|_| ())
     };
     let result = if options.leader_elect {
         let elector = lease::LeaderElector::new(
@@ -287,12 +330,13 @@ pub async fn run(
             _ = elector.acquire(Duration::from_secs(2)) => {}
             _ = shutdown.clone() => { server.abort(); return Ok(()); }
         }
+        standby.store(false, Ordering::Release);
         tokio::select! {
-            r = controllers => r.map_err(Error::from),
+            r = controllers => r,
             _ = elector.keep(Duration::from_secs(5)) => { lost = true; Ok(()) }
         }
     } else {
-        controllers.await.map_err(Error::from)
+        controllers.await
     };
     server.abort();
     if lost {
