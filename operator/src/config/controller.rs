@@ -675,6 +675,12 @@ pub async fn run(
     let mut expected = scopes.len() * 5;
     let mut tasks: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
     let mut everything: Vec<mpsc::UnboundedSender<()>> = Vec::new();
+    // Each kind's "reconcile everything" trigger, fired when the namespace selection changes.
+    fn subscribe(all: &mut Vec<mpsc::UnboundedSender<()>>) -> mpsc::UnboundedReceiver<()> {
+        let (tx, rx) = mpsc::unbounded();
+        all.push(tx);
+        rx
+    }
     for ns in &scopes {
         let (dtx, drx) = mpsc::unbounded();
         let (stx, srx) = mpsc::unbounded();
@@ -688,11 +694,7 @@ pub async fn run(
             run_kind::<Deployment>(
                 api(&client, ns),
                 drx,
-                {
-                    let (tx, rx) = mpsc::unbounded();
-                    everything.push(tx);
-                    rx
-                },
+                subscribe(&mut everything),
                 ctx.clone(),
                 ready_tx.clone(),
                 shutdown.clone(),
@@ -703,11 +705,7 @@ pub async fn run(
             run_kind::<StatefulSet>(
                 api(&client, ns),
                 srx,
-                {
-                    let (tx, rx) = mpsc::unbounded();
-                    everything.push(tx);
-                    rx
-                },
+                subscribe(&mut everything),
                 ctx.clone(),
                 ready_tx.clone(),
                 shutdown.clone(),
@@ -718,11 +716,7 @@ pub async fn run(
             run_kind::<DaemonSet>(
                 api(&client, ns),
                 xrx,
-                {
-                    let (tx, rx) = mpsc::unbounded();
-                    everything.push(tx);
-                    rx
-                },
+                subscribe(&mut everything),
                 ctx.clone(),
                 ready_tx.clone(),
                 shutdown.clone(),
