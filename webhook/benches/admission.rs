@@ -238,7 +238,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         namespaces: None,
         resolver,
         metrics: Metrics::new(),
-        synced: Default::default(),
+        readiness: appset_process::readiness::Readiness::new(),
         denials: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -36,7 +36,6 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use appset_crds::PodInjection;
 use futures::{StreamExt, future};
@@ -46,6 +45,8 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
+
+use appset_process::readiness::Readiness;
 
 use crate::metrics::Metrics;
 use crate::server::AppState;
@@ -162,22 +163,23 @@ pub async fn serve_on(
     });
 
     let resolver = Arc::new(CertResolver::new());
+    let readiness = Readiness::new();
+    let synced = readiness.handle("PodInjection watch");
     let state = Arc::new(AppState {
         injections: injections.clone(),
         namespaces,
         resolver: resolver.clone(),
         metrics: Metrics::new(),
-        synced: Default::default(),
+        readiness: readiness.clone(),
         denials: Some(denials),
     });
 
-    let ready_state = state.clone();
     let s = stopped();
     tasks.spawn(async move {
         tokio::select! {
             r = injections.wait_until_ready() => {
                 if r.is_ok() {
-                    ready_state.synced.store(true, Ordering::Release);
+                    synced.ready();
                     info!("PodInjection watch synced");
                 }
             }

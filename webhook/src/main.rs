@@ -1,22 +1,14 @@
-//! The `appset-webhook` binary: flags and environment, logging, signals; everything else is
-//! [`appset_webhook::serve`].
+//! The `appset-webhook` binary: flags and environment; logging and signals come from the shared
+//! process shell (`appset_process`), everything else is [`appset_webhook::serve`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use appset_process::logging::{self, LogFormat};
+use appset_process::signal;
 use appset_webhook::tls::manager::TlsConfig;
 use appset_webhook::tls::material::Policy;
-use clap::{Parser, ValueEnum};
-use tracing_subscriber::EnvFilter;
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
-}
+use clap::Parser;
 
 /// The appset injection webhook: injects the init containers and emptyDir volumes declared in
 /// PodInjections into pods at creation. Log levels come from RUST_LOG (default `info`).
@@ -61,21 +53,14 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     check_interval_seconds: u64,
     /// Log format.
-    #[arg(long, env = "APPSET_LOG_FORMAT", value_enum, default_value = "json")]
+    #[arg(long, env = "APPSET_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     log_format: LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
+    logging::init(args.log_format);
     let serving = Duration::from_secs(args.serving_validity_hours * 3600);
     let policy = Policy {
         sans: args.sans,
@@ -96,28 +81,6 @@ async fn main() -> anyhow::Result<()> {
         namespace_cache: !args.no_namespace_cache,
     };
     let client = kube::Client::try_default().await?;
-    appset_webhook::serve(config, client, shutdown_signal()).await?;
+    appset_webhook::serve(config, client, signal::shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -10,7 +10,6 @@
 //!
 //! Labels are drawn from fixed sets: no pod, namespace or Secret data reaches a metric.
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -126,13 +125,9 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The metrics in the Prometheus text format.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+    /// The `/metrics` answer.
+    pub fn answer(&self) -> appset_process::admin::Answer {
+        appset_process::admin::metrics(&self.registry)
     }
 }
 
@@ -169,7 +164,7 @@ mod tests {
             0.001,
         );
         m.error("bad_request", 0.0001);
-        let text = m.encode();
+        let text = m.answer().body;
         assert!(text.contains("appset_webhook_injections_total 1"), "{text}");
         assert!(text.contains("appset_webhook_denials_total 1"), "{text}");
         assert!(

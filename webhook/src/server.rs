@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use appset_crds::PodInjection;
@@ -37,6 +36,8 @@ use tracing::{debug, warn};
 use crate::admission;
 use crate::metrics::Metrics;
 use crate::tls::resolver::CertResolver;
+use appset_process::admin;
+use appset_process::readiness::Readiness;
 
 /// The largest request body read.
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -51,8 +52,8 @@ pub struct AppState {
     pub resolver: Arc<CertResolver>,
     /// The metrics.
     pub metrics: Metrics,
-    /// Set once the PodInjection watch has synced.
-    pub synced: AtomicBool,
+    /// The readiness gates: the PodInjection watch holds one until its first sync.
+    pub readiness: Readiness,
     /// Where denials are reported as Events, when they are.
     pub denials: Option<crate::events::Denials>,
 }
@@ -73,15 +74,12 @@ impl AppState {
         (injections, labels)
     }
 
-    /// Whether the webhook may receive traffic, or why not.
-    pub fn readiness(&self) -> Result<(), &'static str> {
-        if !self.synced.load(Ordering::Acquire) {
-            return Err("the PodInjection watch has not synced yet");
-        }
+    /// `/readyz`: a serving certificate must be loaded and every readiness gate closed.
+    pub fn readyz(&self) -> admin::Answer {
         if !self.resolver.is_loaded() {
-            return Err("no serving certificate is loaded yet");
+            return admin::unavailable("no serving certificate is loaded yet");
         }
-        Ok(())
+        admin::readyz(&self.readiness, false)
     }
 }
 
@@ -91,6 +89,17 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// An admin answer as a hyper response.
+fn answer(a: admin::Answer) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(a.body)));
+    *r.status_mut() = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(a.content_type),
     );
     r
 }
@@ -115,21 +124,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
             };
             review(&state, &body)
         }
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => match state.readiness() {
-            Ok(()) => text(StatusCode::OK, "ok\n"),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-        },
-        (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, state.metrics.encode());
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            r
-        }
+        (&Method::GET, "/healthz") => answer(admin::healthz()),
+        (&Method::GET, "/readyz") => answer(state.readyz()),
+        (&Method::GET, "/metrics") => answer(state.metrics.answer()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

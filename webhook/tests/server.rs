@@ -2,9 +2,9 @@
 //! reflector store directly and the certificate comes from the material module.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use appset_crds::{PodInjection, PodInjectionSpec};
+use appset_process::readiness::Readiness;
 use appset_webhook::metrics::Metrics;
 use appset_webhook::probe::Probe;
 use appset_webhook::server::{self, AppState};
@@ -54,12 +54,14 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
     let resolver = Arc::new(CertResolver::new());
     assert!(resolver.load_pem(&m.tls_cert, &m.tls_key).expect("load"));
     let (store, mut writer) = reflector::store::<PodInjection>();
+    let readiness = Readiness::new();
+    let synced = readiness.handle("PodInjection watch");
     let state = Arc::new(AppState {
         injections: store,
         namespaces: None,
         resolver: resolver.clone(),
         metrics: Metrics::new(),
-        synced: Default::default(),
+        readiness,
         denials: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -83,12 +85,15 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
         .await
         .expect("readyz");
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(String::from_utf8_lossy(&body).contains("not synced"));
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "waiting for: PodInjection watch\n"
+    );
 
     writer.apply_watcher_event(&watcher::Event::Init);
     writer.apply_watcher_event(&watcher::Event::InitApply(injection()));
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    state.synced.store(true, Ordering::Release);
+    synced.ready();
     let (status, _) = conn
         .send(Method::GET, "/readyz", Bytes::new())
         .await
@@ -207,7 +212,7 @@ fn lookup_reads_injections_and_namespace_labels_from_memory() {
         namespaces: Some(namespaces),
         resolver: Arc::new(CertResolver::new()),
         metrics: Metrics::new(),
-        synced: Default::default(),
+        readiness: Readiness::new(),
         denials: None,
     };
     let (found, labels) = state.lookup("site");
@@ -223,7 +228,8 @@ fn lookup_reads_injections_and_namespace_labels_from_memory() {
         "an unknown namespace is left to the webhook configuration"
     );
     assert_eq!(
-        state.readiness(),
-        Err("the PodInjection watch has not synced yet")
+        state.readyz().body,
+        "no serving certificate is loaded yet\n",
+        "without a certificate the webhook is unready whatever its watches say"
     );
 }
