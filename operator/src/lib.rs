@@ -1,13 +1,20 @@
 //! The appset controllers and the operator's process setup.
 //!
-//! * [`config`]: config rollout for Deployments, StatefulSets and DaemonSets: reference
-//!   discovery, canonical encoding and keyed hashing (also used by the AppSet controller), the
-//!   rollout decisions, and the controller that applies them.
-//! * [`runtime`]: the operator process: flags, logging, the metrics and health endpoints,
-//!   leader election, and graceful shutdown. `src/main.rs` is a thin wrapper around it.
+//! * [`confighash`]: config hashing shared by both controllers: reference discovery, fetching,
+//!   canonical encoding and keyed digests, the hash key, and the key-rotation rule.
+//! * [`config`]: config rollout for Deployments, StatefulSets and DaemonSets: the watches, the
+//!   rollout decisions, and the reconcile that applies them.
+//! * [`appset`]: the AppSet controller.
+//! * [`kubeapi`]: the API-server helpers both controllers use.
+//! * [`runtime`]: the operator process: flags, the shared keyring, the admin endpoints, leader
+//!   election, and graceful shutdown. `src/main.rs` is a thin wrapper around it.
+//!
+//! Neither controller imports from the other; both depend on [`confighash`] and [`kubeapi`].
 
 pub mod appset;
 pub mod config;
+pub mod confighash;
+pub mod kubeapi;
 pub mod runtime;
 
 pub use runtime::run;

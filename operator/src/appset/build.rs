@@ -1,5 +1,5 @@
-//! Construction of the objects an AppSet owns, sans-IO: pods, claims, the headless Service and
-//! owner references, plus label-selector helpers.
+//! Construction of the objects an AppSet owns, sans-IO: pods, claims, ControllerRevisions, the
+//! headless Service and owner references, plus label-selector helpers.
 //!
 //! Data flow: the controller passes the AppSet and a revision's template (not the AppSet's live
 //! template: pods below the partition are built from the current revision) to [`pod`], and the
@@ -16,13 +16,16 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodTemplateSpec, Service,
     ServiceSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
+use serde_json::Value;
 
 use appset_crds::AppSet;
 use appset_crds::appset::ServicePolicy;
@@ -99,6 +102,43 @@ pub fn claim_owner_references(
     if let Some(uid) = &owners.pod {
         refs.push(pod_claim_ref(pod_name, uid));
     }
+    refs
+}
+
+/// The ControllerRevision `name` (number `number`) holding a revision's `data`, labelled with
+/// the AppSet and its own hash, controlled by the AppSet.
+pub fn controller_revision(
+    set: &AppSet,
+    name: &str,
+    data: Value,
+    number: i64,
+) -> ControllerRevision {
+    ControllerRevision {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: set.namespace(),
+            labels: Some(
+                [
+                    (keys::APPSET_NAME_LABEL.to_string(), set.name_any()),
+                    (
+                        keys::CONTROLLER_REVISION_HASH_LABEL.to_string(),
+                        name.to_string(),
+                    ),
+                ]
+                .into(),
+            ),
+            owner_references: controller_ref(set).map(|r| vec![r]),
+            ..Default::default()
+        },
+        data: RawExtension(data),
+        revision: Some(number),
+    }
+}
+
+/// The owner references of an orphan pod being adopted: its own, plus the AppSet as controller.
+pub fn adopted_owner_references(set: &AppSet, pod: &Pod) -> Vec<OwnerReference> {
+    let mut refs = pod.metadata.owner_references.clone().unwrap_or_default();
+    refs.extend(controller_ref(set));
     refs
 }
 
@@ -269,6 +309,50 @@ mod tests {
                 }]
             }
         }))
+    }
+
+    #[test]
+    fn a_controller_revision_is_labelled_numbered_and_controlled() {
+        let set = web();
+        let cr = controller_revision(&set, "web-abc", serde_json::json!({"x": 1}), 4);
+        assert_eq!(cr.metadata.name.as_deref(), Some("web-abc"));
+        assert_eq!(cr.metadata.namespace.as_deref(), Some("ns"));
+        let labels = cr.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get(keys::APPSET_NAME_LABEL).map(String::as_str),
+            Some("web")
+        );
+        assert_eq!(
+            labels
+                .get(keys::CONTROLLER_REVISION_HASH_LABEL)
+                .map(String::as_str),
+            Some("web-abc")
+        );
+        let owner = &cr.metadata.owner_references.unwrap_or_default()[0];
+        assert_eq!(
+            (owner.uid.as_str(), owner.controller),
+            ("set-uid", Some(true))
+        );
+        assert_eq!(cr.revision, Some(4));
+        assert_eq!(cr.data.0, serde_json::json!({"x": 1}));
+    }
+
+    #[test]
+    fn adoption_keeps_other_owners_and_adds_the_set_as_controller() {
+        let set = web();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-0", "ownerReferences": [
+                {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "other"}
+            ]}
+        }))
+        .expect("a pod");
+        let refs = adopted_owner_references(&set, &pod);
+        assert_eq!(refs.len(), 2);
+        assert_eq!(refs[0].uid, "other");
+        assert_eq!(
+            (refs[1].uid.as_str(), refs[1].controller),
+            ("set-uid", Some(true))
+        );
     }
 
     #[test]

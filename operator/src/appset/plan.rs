@@ -294,6 +294,34 @@ impl Plan {
             && self.delete_pods.is_empty()
             && self.create_pods.is_empty()
     }
+
+    /// How many of the plan's pod deletions go out at once: scale-down and failed-pod
+    /// deletions `burst` at a time, update deletions (at most `maxUnavailable` of them) one
+    /// after the other, so that they happen highest ordinal first.
+    pub fn deletion_concurrency(&self, burst: usize) -> usize {
+        if self
+            .delete_pods
+            .iter()
+            .any(|d| d.reason == DeleteReason::Update)
+        {
+            1
+        } else {
+            burst.max(1)
+        }
+    }
+}
+
+/// The longest an AppSet goes without a reconcile, even when nothing changes.
+pub const MAX_REQUEUE_SECONDS: i64 = 300;
+
+/// When to reconcile again: the soonest of the given delays (a pod becoming available, a
+/// progress deadline), at least one second, and at most [`MAX_REQUEUE_SECONDS`].
+pub fn requeue_after(delays: impl IntoIterator<Item = Option<i64>>) -> i64 {
+    delays
+        .into_iter()
+        .flatten()
+        .map(|s| s.max(1))
+        .fold(MAX_REQUEUE_SECONDS, i64::min)
 }
 
 /// The name of the pod at `ordinal`: `<set>-<ordinal>`.

@@ -10,8 +10,9 @@
 //! the controller only acts again when they change.
 //!
 //! Data flow: the controller passes each live claim with its template and its StorageClass's
-//! `allowVolumeExpansion` to [`compare_claim`], patches the claims marked [`ClaimChange::Expand`],
-//! and folds the results into [`template_status`].
+//! `allowVolumeExpansion` to [`claim_change`] ([`compare_claim`] plus "only a bound claim can
+//! grow"), patches the claims marked [`ClaimChange::Expand`], and folds the results into
+//! [`template_status`].
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -161,6 +162,24 @@ pub fn compare_claim(
     }
 }
 
+/// Whether the claim is bound to a volume (`status.phase: Bound`).
+pub fn is_bound(claim: &PersistentVolumeClaim) -> bool {
+    claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+}
+
+/// What to do about a claim now: [`compare_claim`], except that only a bound claim can grow,
+/// so an expansion of an unbound claim waits (nothing to do) until it binds.
+pub fn claim_change(
+    claim: &PersistentVolumeClaim,
+    template: &PersistentVolumeClaim,
+    class_allows_expansion: Option<bool>,
+) -> ClaimChange {
+    match compare_claim(claim, template, class_allows_expansion) {
+        ClaimChange::Expand(_) if !is_bound(claim) => ClaimChange::None,
+        change => change,
+    }
+}
+
 /// Whether a claim's capacity already covers its template's request.
 pub fn is_resized(claim: &PersistentVolumeClaim, template: &PersistentVolumeClaim) -> bool {
     match requested_storage(template).and_then(|q| parse_quantity_millis(&q.0)) {
@@ -233,6 +252,24 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn only_a_bound_claim_is_expanded() {
+        let tmpl = pvc("data", "fast", "2Gi", None);
+        let bound = pvc("data-web-0", "fast", "1Gi", Some("1Gi"));
+        let pending = pvc("data-web-0", "fast", "1Gi", None);
+        assert!(is_bound(&bound) && !is_bound(&pending));
+        assert_eq!(
+            claim_change(&bound, &tmpl, Some(true)),
+            ClaimChange::Expand(Quantity("2Gi".into()))
+        );
+        assert_eq!(claim_change(&pending, &tmpl, Some(true)), ClaimChange::None);
+        // What cannot be done is reported whether bound or not.
+        assert!(matches!(
+            claim_change(&pending, &tmpl, Some(false)),
+            ClaimChange::Blocked(_)
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::discovery::{SourceKind, SourceName};
+use crate::confighash::discovery::{SourceKind, SourceName};
 
 /// The three native workload kinds the controller handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -2,25 +2,20 @@
 //! ConfigMaps and Secrets they use change.
 //!
 //! Data flow:
-//! 1. [`discovery`] reads a workload's opt-in annotations and pod template and lists the sources
-//!    it uses, with the keys that count and whether each is optional.
-//! 2. [`fetch`] reads those sources from the API (only to hash them) and the installation's hash
-//!    key ([`keyring`]); [`hash`] turns them into a canonical encoding and a keyed digest.
+//! 1. [`watch`] runs the watches: workloads in reflector stores, and only the metadata of
+//!    ConfigMaps and Secrets, whose changes are mapped to the workloads that use them through
+//!    the [`index`].
+//! 2. [`controller`] reconciles one workload: it lists the sources it uses, hashes them with
+//!    the shared [`crate::confighash`] module, and asks [`rollout`] what to do.
 //! 3. [`rollout`] compares the digest with the baseline recorded on the workload and decides:
 //!    adopt, wait (coalescing window, minimum interval), roll, or report a missing source.
-//! 4. [`controller`] does the I/O: watches workloads, watches only the metadata of ConfigMaps and
-//!    Secrets, maps their changes to workloads through the [`index`], applies the decisions with
-//!    server-side apply, and publishes Events and metrics.
+//! 4. [`controller`] applies the decision with server-side apply and publishes Events, counted
+//!    in [`metrics`].
 //!
-//! Everything but [`fetch`] and [`controller`] is pure and unit-tested without an API server.
-//! The AppSet controller uses [`discovery`], [`hash`] and [`fetch`] to make config data part of
-//! an AppSet's revision.
+//! [`index`], [`rollout`] and [`metrics`] are pure; [`watch`] and [`controller`] do the I/O.
 
 pub mod controller;
-pub mod discovery;
-pub mod fetch;
-pub mod hash;
 pub mod index;
-pub mod keyring;
 pub mod metrics;
 pub mod rollout;
+pub mod watch;

@@ -14,14 +14,14 @@
 //!
 //! * A required source that does not exist blocks: an Event, no rollout, the baseline unchanged.
 //! * No baseline (a workload seen for the first time, or after its annotation was removed):
-//!   record it, do not roll ([`Decision::Adopt`]). An operator restart therefore never rolls
+//!   record it, do not roll ([`BaselineReason::Adopted`]). An operator restart therefore never rolls
 //!   anything: the baseline is on the workload, not in memory.
-//! * Baseline made with the current key: roll only when the digest differs.
-//! * Baseline made with the previous key (after a rotation): recompute under the previous key;
-//!   equal means the data did not change and the baseline is re-recorded under the current key
-//!   without a rollout ([`Decision::Rebaseline`]); different means a real change.
-//! * Baseline made with an unknown key: re-record without rollout (the change, if any, cannot be
-//!   told apart from the rotation).
+//! * The baseline is compared with the data now by the shared key-rotation rule,
+//!   [`rotation::compare`]: made with the current key, roll only when the digest differs; made
+//!   with the previous key (after a rotation), equal under the previous key means the data did
+//!   not change and the baseline is re-recorded under the current key without a rollout
+//!   ([`BaselineReason::KeyRotated`]), different means a real change; made with an unknown key,
+//!   re-record without rollout (the change, if any, cannot be told apart from the rotation).
 //! * A change starts a coalescing window: the rollout happens when the window has passed, with
 //!   the digest of that moment, so every change in the window gives one rollout. A per-workload
 //!   minimum interval between rollouts holds back a flapping source. Changes that revert within
@@ -33,36 +33,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::discovery::SourceName;
+use crate::confighash::discovery::SourceName;
+use crate::confighash::rotation::{self, Comparison, Digests, Observed, Recorded};
 
 #[cfg(doc)]
 use appset_crds::keys;
-
-/// The baseline recorded on a workload: which key and which digest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Observed {
-    /// The id of the key the digest was made with.
-    pub key_id: String,
-    /// The digest.
-    pub digest: String,
-}
-
-impl Observed {
-    /// Parses `<key id>:<digest>`; `None` for anything else.
-    pub fn parse(value: &str) -> Option<Self> {
-        let (key_id, digest) = value.trim().split_once(':')?;
-        let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
-        (ok(key_id) && ok(digest)).then(|| Self {
-            key_id: key_id.to_string(),
-            digest: digest.to_string(),
-        })
-    }
-
-    /// The annotation value, `<key id>:<digest>`.
-    pub fn to_annotation(&self) -> String {
-        format!("{}:{}", self.key_id, self.digest)
-    }
-}
 
 /// Timing of rollouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,10 +62,8 @@ impl Default for Policy {
 pub struct Input {
     /// The baseline recorded on the workload, if any and if it parses.
     pub observed: Option<Observed>,
-    /// The digest now, under the current key.
-    pub current: Observed,
-    /// The digest now under the previous key, when there is one: `(key id, digest)`.
-    pub previous: Option<Observed>,
+    /// The digests of the data now, under the current key and the previous one.
+    pub digests: Digests,
     /// Required sources that do not exist.
     pub missing: Vec<SourceName>,
 }
@@ -151,25 +124,21 @@ impl WorkloadState {
             (Some(mine), None) => Some(mine),
             (_, seen) => seen.as_ref(),
         };
-        let changed = match observed {
-            None => {
+        let changed = match rotation::compare(observed.map(Recorded::from), &input.digests) {
+            Comparison::Unrecorded => {
                 self.pending_since = None;
                 return Decision::Baseline(BaselineReason::Adopted);
             }
-            Some(o) if o.key_id == input.current.key_id => o.digest != input.current.digest,
-            Some(o) => match &input.previous {
-                Some(prev) if prev.key_id == o.key_id => {
-                    if o.digest == prev.digest {
-                        self.pending_since = None;
-                        return Decision::Baseline(BaselineReason::KeyRotated);
-                    }
-                    true
-                }
-                _ => {
-                    self.pending_since = None;
-                    return Decision::Baseline(BaselineReason::UnknownKey);
-                }
-            },
+            Comparison::UnchangedUnderPrevious => {
+                self.pending_since = None;
+                return Decision::Baseline(BaselineReason::KeyRotated);
+            }
+            Comparison::UnknownKey => {
+                self.pending_since = None;
+                return Decision::Baseline(BaselineReason::UnknownKey);
+            }
+            Comparison::Unchanged => false,
+            Comparison::Changed => true,
         };
         if !changed {
             self.pending_since = None;
@@ -272,8 +241,10 @@ mod tests {
     fn input(observed: Option<Observed>, current: &str) -> Input {
         Input {
             observed,
-            current: obs("aa", current),
-            previous: None,
+            digests: Digests {
+                current: obs("aa", current),
+                previous: None,
+            },
             missing: vec![],
         }
     }
@@ -282,15 +253,6 @@ mod tests {
         Policy {
             window: 5 * SEC,
             min_interval: 60 * SEC,
-        }
-    }
-
-    #[test]
-    fn observed_round_trips_and_rejects_garbage() {
-        let o = obs("0a1b", "ff00");
-        assert_eq!(Observed::parse(&o.to_annotation()), Some(o));
-        for bad in ["", "abc", ":ff", "aa:", "aa:zz", "x:ff"] {
-            assert_eq!(Observed::parse(bad), None, "{bad:?}");
         }
     }
 
@@ -388,8 +350,10 @@ mod tests {
             let current = format!("d{}", s + 1);
             let inp = Input {
                 observed: Some(baseline.clone()),
-                current: obs("aa", &current),
-                previous: None,
+                digests: Digests {
+                    current: obs("aa", &current),
+                    previous: None,
+                },
                 missing: vec![],
             };
             if st.decide(&inp, &p, now) == Decision::Roll {
@@ -440,8 +404,10 @@ mod tests {
         let t0 = Instant::now();
         let rotated = |prev_digest: &str| Input {
             observed: Some(obs("01", "old-digest")),
-            current: obs("02", "new-key-digest"),
-            previous: Some(obs("01", prev_digest)),
+            digests: Digests {
+                current: obs("02", "new-key-digest"),
+                previous: Some(obs("01", prev_digest)),
+            },
             missing: vec![],
         };
         let mut st = WorkloadState::default();
@@ -457,10 +423,8 @@ mod tests {
             }
         );
         let mut st = WorkloadState::default();
-        let unknown = Input {
-            previous: None,
-            ..rotated("old-digest")
-        };
+        let mut unknown = rotated("old-digest");
+        unknown.digests.previous = None;
         assert_eq!(
             st.decide(&unknown, &p, t0),
             Decision::Baseline(BaselineReason::UnknownKey)

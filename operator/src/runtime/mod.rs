@@ -1,14 +1,17 @@
-//! The operator process: flags and environment, logging, the HTTP endpoints (`/metrics`,
-//! `/healthz`, `/readyz`), leader election, and graceful shutdown.
+//! The operator process: flags and environment, the shared hash key, the admin endpoints
+//! (`/metrics`, `/healthz`, `/readyz`), leader election, and graceful shutdown. Logging,
+//! signals and the admin endpoints come from the process shell both binaries share
+//! (`appset-process`).
 //!
 //! Flow of [`main`]: parse [`Options`] → set up logging → build a client → start the HTTP server
 //! (it answers `/healthz` at once; `/readyz` while this replica waits for the leader Lease, and
-//! once it leads, only after the controllers' caches have synced) → wait for the leader Lease
-//! (when `--leader-elect`) → run the controllers (config rollout and AppSet) until SIGTERM/SIGINT
-//! or the loss of leadership → stop the server.
+//! once it leads, only after every watch of both controllers has listed) → wait for the leader
+//! Lease (when `--leader-elect`) → read (or create) the hash key once → run the controllers
+//! (config rollout and AppSet, sharing the key) until SIGTERM/SIGINT or the loss of
+//! leadership → stop the server.
 //!
-//! [`run`] is the same without process concerns (logging, signals): the e2e tests and the
-//! benchmark call it, or [`crate::config::controller::run`] directly, in-process.
+//! [`run`] is the same without process concerns (logging, signals). The e2e tests and the
+//! benchmarks call it, or each controller's `run` directly, in-process.
 
 pub mod duration;
 pub mod lease;
@@ -19,30 +22,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use clap::{Parser, ValueEnum};
+use appset_process::logging::{self, LogFormat};
+use appset_process::readiness::{Readiness, ReadyHandle};
+use appset_process::{admin, signal};
+use clap::Parser;
 use futures::FutureExt;
 use kube::Client;
 use prometheus_client::registry::Registry;
 use tracing::{error, info};
 
-use crate::config::controller::{self as rollout, Readiness, Settings};
-use crate::config::keyring::DEFAULT_SECRET_NAME;
+use crate::config::controller::Settings;
 use crate::config::metrics::Metrics;
 use crate::config::rollout::Policy;
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable lines.
-    Text,
-}
+use crate::confighash::fetch::{self, FetchError};
+use crate::confighash::keyring::DEFAULT_SECRET_NAME;
+use crate::kubeapi::Scope;
 
 /// The operator's flags; each can also be given in the environment variable shown.
 #[derive(Clone, Debug, Parser)]
@@ -86,7 +80,7 @@ pub struct Options {
     #[arg(long, env = "APPSET_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// Log format; the level comes from RUST_LOG (default `info`).
-    #[arg(long, env = "APPSET_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "APPSET_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     pub log_format: LogFormat,
     /// Elect a leader through a Lease so that only one replica reconciles.
     #[arg(long, env = "APPSET_LEADER_ELECT")]
@@ -100,22 +94,20 @@ pub struct Options {
 }
 
 impl Options {
+    /// The namespaces both controllers watch.
+    pub fn scope(&self) -> Scope {
+        Scope::from_list(&self.namespaces)
+    }
+
     /// The config rollout controller's settings.
     pub fn settings(&self) -> Settings {
         Settings {
-            namespaces: self
-                .namespaces
-                .iter()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect(),
+            scope: self.scope(),
             policy: Policy {
                 window: self.coalesce_window,
                 min_interval: self.min_rollout_interval,
             },
             reloader_compat: self.reloader_compat,
-            key_namespace: self.operator_namespace.clone(),
-            key_secret: self.hash_key_secret.clone(),
             concurrency: self.concurrency.max(1),
             instance: Some(self.identity()),
             namespace_selector: self
@@ -128,18 +120,12 @@ impl Options {
     /// The AppSet controller's settings. It watches `--namespaces` (every namespace when
     /// empty); `--namespace-selector` applies to config rollout only.
     pub fn appset_settings(&self) -> crate::appset::controller::Settings {
-        let mut s = crate::appset::controller::Settings::new(self.operator_namespace.clone());
-        let namespaces: Vec<String> = self
-            .namespaces
-            .iter()
-            .map(|n| n.trim().to_string())
-            .filter(|n| !n.is_empty())
-            .collect();
-        s.namespaces = (!namespaces.is_empty()).then_some(namespaces);
-        s.key_secret = self.hash_key_secret.clone();
-        s.concurrency = self.concurrency.max(1);
-        s.instance = Some(self.identity());
-        s
+        crate::appset::controller::Settings {
+            scope: self.scope(),
+            concurrency: self.concurrency.max(1),
+            instance: Some(self.identity()),
+            ..Default::default()
+        }
     }
 
     fn identity(&self) -> String {
@@ -165,102 +151,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The config rollout controller could not start.
-    #[error(transparent)]
-    Rollout(#[from] rollout::RunError),
-    /// The AppSet controller could not start.
-    #[error("AppSet controller: {0}")]
-    AppSet(#[from] crate::appset::controller::RunError),
+    /// The config hash key could not be read or created.
+    #[error("cannot set up the config hash key: {0}")]
+    Keyring(#[from] FetchError),
     /// Leadership was lost; the process exits so that it restarts as a follower.
     #[error("lost the leader Lease")]
     LostLeadership,
-}
-
-/// Sets up `tracing` with RUST_LOG (default `info`) in the chosen format.
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    info!("shutdown signal received");
-}
-
-#[derive(Clone)]
-struct Http {
-    registry: Arc<Registry>,
-    readiness: Readiness,
-    standby: Arc<AtomicBool>,
-}
-
-async fn metrics(State(http): State<Http>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &http.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            "cannot encode metrics\n".to_string(),
-        ),
-    }
-}
-
-async fn readyz(State(http): State<Http>) -> impl IntoResponse {
-    // A replica waiting for the leader Lease is healthy and ready to take over: reporting it
-    // unready would keep a Deployment of several replicas from ever completing its rollout.
-    if http.standby.load(Ordering::Acquire) {
-        (StatusCode::OK, "standby\n")
-    } else if http.readiness.is_ready() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n")
-    }
-}
-
-/// The HTTP router for `/metrics`, `/healthz` and `/readyz`. `/readyz` answers 200 while
-/// `standby` is set (a replica waiting for leadership), else once the caches have synced.
-pub fn router(registry: Arc<Registry>, readiness: Readiness, standby: Arc<AtomicBool>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(Http {
-            registry,
-            readiness,
-            standby,
-        })
 }
 
 /// Runs the operator with `client` until `shutdown` completes: the HTTP endpoints, leader
@@ -272,10 +168,12 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let readiness = Readiness::new();
+    // Registered before anything starts, so /readyz cannot pass before the controllers exist.
+    let rollout_ready = readiness.handle("config rollout controller");
+    let appset_ready = readiness.handle("AppSet controller");
     let shutdown = shutdown.shared();
 
-    let settings = options.settings();
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| Error::Listen {
@@ -284,7 +182,7 @@ pub async fn run(
         })?;
     info!(addr = %options.listen, "serving /metrics, /healthz and /readyz");
     let standby = Arc::new(AtomicBool::new(options.leader_elect));
-    let app = router(Arc::new(registry), readiness.clone(), standby.clone());
+    let app = admin::router(Arc::new(registry), readiness.clone(), standby.clone());
     let server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app)
@@ -295,29 +193,14 @@ pub async fn run(
         }
     });
 
+    let controllers = controllers(
+        &options,
+        client.clone(),
+        metrics,
+        [rollout_ready, appset_ready],
+        shutdown.clone(),
+    );
     let mut lost = false;
-    let appset_settings = options.appset_settings();
-    let controllers = async {
-        tokio::try_join!(
-            async {
-                rollout::run(
-                    client.clone(),
-                    settings,
-                    metrics,
-                    readiness.clone(),
-                    shutdown.clone(),
-                )
-                .await
-                .map_err(Error::from)
-            },
-            async {
-                crate::appset::controller::run(client.clone(), appset_settings, shutdown.clone())
-                    .await
-                    .map_err(Error::from)
-            },
-        )
-        .map(|_| ())
-    };
     let result = if options.leader_elect {
         let elector = lease::LeaderElector::new(
             client.clone(),
@@ -345,11 +228,47 @@ pub async fn run(
     result
 }
 
+/// Reads (or creates) the hash key once, then runs both controllers with it until `shutdown`.
+async fn controllers(
+    options: &Options,
+    client: Client,
+    metrics: Metrics,
+    [rollout_ready, appset_ready]: [ReadyHandle; 2],
+    shutdown: impl Future<Output = ()> + Clone + Send + 'static,
+) -> Result<(), Error> {
+    let keyring = Arc::new(
+        fetch::ensure_keyring(
+            &client,
+            &options.operator_namespace,
+            &options.hash_key_secret,
+        )
+        .await?,
+    );
+    tokio::join!(
+        crate::config::watch::run(
+            client.clone(),
+            options.settings(),
+            keyring.clone(),
+            metrics,
+            rollout_ready,
+            shutdown.clone(),
+        ),
+        crate::appset::controller::run(
+            client,
+            options.appset_settings(),
+            keyring,
+            appset_ready,
+            shutdown,
+        ),
+    );
+    Ok(())
+}
+
 /// The binary's entry point: logging, a client from the environment, signals.
 pub async fn main(options: Options) -> Result<(), Error> {
-    init_logging(options.log_format);
+    logging::init(options.log_format);
     let client = Client::try_default().await.map_err(Error::Client)?;
-    run(options, client, shutdown_signal()).await
+    run(options, client, signal::shutdown_signal()).await
 }
 
 #[cfg(test)]
@@ -374,19 +293,21 @@ mod tests {
         ])
         .unwrap();
         let s = o.settings();
-        assert_eq!(s.namespaces, ["a", "b"]);
+        assert_eq!(s.scope, Scope::Namespaces(vec!["a".into(), "b".into()]));
+        assert_eq!(o.appset_settings().scope, s.scope);
         assert_eq!(s.policy.window, Duration::from_secs(2));
         assert_eq!(s.policy.min_interval, Duration::from_secs(60));
         assert!(s.reloader_compat);
         assert_eq!(s.instance.as_deref(), Some("pod-0"));
-        assert_eq!(s.key_secret, DEFAULT_SECRET_NAME);
+        assert_eq!(o.hash_key_secret, DEFAULT_SECRET_NAME);
         assert_eq!(s.namespace_selector.as_deref(), Some("team=a"));
     }
 
     #[test]
     fn defaults_watch_every_namespace() {
         let o = Options::try_parse_from(["appset-operator"]).unwrap();
-        assert!(o.settings().namespaces.is_empty());
+        assert_eq!(o.settings().scope, Scope::All);
+        assert_eq!(o.log_format, LogFormat::Json);
         assert_eq!(o.coalesce_window, Duration::from_secs(5));
         assert!(!o.reloader_compat);
     }

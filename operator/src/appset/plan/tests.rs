@@ -998,3 +998,31 @@ fn check_invariants(i: &PlanInput, p: &Plan) {
         }
     }
 }
+
+#[test]
+fn update_deletions_go_one_at_a_time_others_in_bursts() {
+    let deletion = |reason| PodDeletion {
+        name: "web-1".into(),
+        uid: "u1".into(),
+        reason,
+    };
+    let mut p = Plan::default();
+    assert_eq!(p.deletion_concurrency(32), 32);
+    p.delete_pods = vec![
+        deletion(DeleteReason::ScaleDown),
+        deletion(DeleteReason::Finished),
+    ];
+    assert_eq!(p.deletion_concurrency(32), 32);
+    assert_eq!(p.deletion_concurrency(0), 1);
+    p.delete_pods.push(deletion(DeleteReason::Update));
+    assert_eq!(p.deletion_concurrency(32), 1);
+}
+
+#[test]
+fn requeue_is_the_soonest_delay_within_one_second_and_five_minutes() {
+    assert_eq!(requeue_after([None, None]), MAX_REQUEUE_SECONDS);
+    assert_eq!(requeue_after([Some(30), Some(10)]), 10);
+    assert_eq!(requeue_after([Some(0), None]), 1);
+    assert_eq!(requeue_after([Some(-5)]), 1);
+    assert_eq!(requeue_after([Some(10_000)]), MAX_REQUEUE_SECONDS);
+}

@@ -25,7 +25,7 @@
 //! # Keyed digest
 //!
 //! The digest is HMAC-SHA256 over the encoding, keyed with a per-installation secret key
-//! (see [`crate::config::keyring`]), written as 64 lowercase hex digits. Anyone who can read a
+//! (see [`crate::confighash::keyring`]), written as 64 lowercase hex digits. Anyone who can read a
 //! Deployment sees the digest, but without the key they cannot test guesses of a Secret's value
 //! against it, as they could with a plain SHA-256.
 

@@ -3,7 +3,7 @@
 //!
 //! Each source body is fetched with a plain GET, turned into a [`Source`] restricted to the used
 //! keys, and dropped by the caller after hashing: nothing here caches a body. The AppSet
-//! controller calls [`sources`] and [`crate::config::hash::digest`] the same way the config
+//! controller calls [`sources`] and [`crate::confighash::hash::digest`] the same way the config
 //! rollout controller does.
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -41,7 +41,7 @@ pub enum FetchError {
 }
 
 /// Reads the hash key Secret `namespace/name`, creating it with a fresh random key when it does
-/// not exist. See [`crate::config::keyring`] for the format and rotation.
+/// not exist. See [`crate::confighash::keyring`] for the format and rotation.
 pub async fn ensure_keyring(
     client: &Client,
     namespace: &str,

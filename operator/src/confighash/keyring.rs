@@ -19,7 +19,7 @@
 //! and recreated) is re-baselined without a rollout.
 //!
 //! This module is pure: it parses and builds the Secret; the I/O lives in
-//! [`crate::config::fetch`].
+//! [`crate::confighash::fetch`].
 
 use std::collections::BTreeMap;
 

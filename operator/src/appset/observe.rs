@@ -1,0 +1,347 @@
+//! Reading an AppSet's world fresh from the API server, adopting orphans on the way: its
+//! ControllerRevisions, its pods ([`PodInfo`]), its claims ([`ClaimInfo`]) and the digest of
+//! the config it references.
+//!
+//! Nothing here is cached: the planner must never see a pod twice or miss one the controller
+//! just created, so every reconcile lists anew. Which objects are the AppSet's, and which
+//! orphans it adopts, is decided by the pure [`adopt`] rules; this module does the requests.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::ControllerRevision;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{ListParams, Patch};
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use appset_crds::appset::AppSetStatus;
+use appset_crds::{AppSet, keys};
+
+use super::adopt::{self, PodOwnership};
+use super::controller::{Context, Error, kube_err};
+use super::plan::{self, ClaimInfo, PodInfo, PodPhase};
+use super::{build, revision};
+use crate::confighash::rotation::{self, Digests, Recorded};
+use crate::confighash::{discovery, fetch};
+use futures::StreamExt;
+
+use crate::kubeapi::{is_controlled_by, merge_params};
+
+/// The AppSet being reconciled: its name, namespace and uid, checked once.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub ns: String,
+    /// `metadata.uid`.
+    pub uid: String,
+}
+
+impl Target {
+    /// The identity of `set`, or an error naming what is missing.
+    pub fn of(set: &AppSet) -> Result<Self, Error> {
+        let name = set.name_any();
+        let ns = set
+            .namespace()
+            .ok_or_else(|| Error::Invalid(format!("AppSet {name} has no namespace")))?;
+        let uid = set
+            .uid()
+            .ok_or_else(|| Error::Invalid(format!("AppSet {name} has no uid")))?;
+        Ok(Self { name, ns, uid })
+    }
+
+    /// An `Api` in the AppSet's namespace.
+    pub fn api<K>(&self, ctx: &Context) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(ctx.client.clone(), &self.ns)
+    }
+}
+
+/// One of the AppSet's claims, with the template and ordinal its name gives.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    /// The volumeClaimTemplate.
+    pub template: String,
+    /// The ordinal.
+    pub ordinal: i32,
+    /// The claim as listed (or as patched while adopting it).
+    pub claim: PersistentVolumeClaim,
+}
+
+/// The ControllerRevisions the AppSet controls.
+pub async fn revisions(ctx: &Context, t: &Target) -> Result<Vec<ControllerRevision>, Error> {
+    let api: Api<ControllerRevision> = t.api(ctx);
+    let listed = api
+        .list(&ListParams::default().labels(&format!("{}={}", keys::APPSET_NAME_LABEL, t.name)))
+        .await
+        .map_err(kube_err(format!(
+            "list ControllerRevisions of AppSet {}/{}",
+            t.ns, t.name
+        )))?;
+    Ok(listed
+        .items
+        .into_iter()
+        .filter(|r| is_controlled_by(&r.metadata, &t.uid) == Some(true))
+        .collect())
+}
+
+/// The revisions as the pure [`revision`] module sees them.
+pub fn revision_infos(revs: &[ControllerRevision]) -> Vec<revision::RevisionInfo> {
+    revs.iter()
+        .map(|r| revision::RevisionInfo {
+            name: r.name_any(),
+            number: r.revision.unwrap_or_default(),
+            data: r.data.0.clone(),
+        })
+        .collect()
+}
+
+/// The pods matching the selector that the AppSet controls, adopting orphans named after it.
+pub async fn pods(ctx: &Context, set: &AppSet, t: &Target) -> Result<Vec<Pod>, Error> {
+    let api: Api<Pod> = t.api(ctx);
+    let selector = build::selector_string(&set.spec.selector);
+    let listed = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err(format!("list pods of AppSet {}/{}", t.ns, t.name)))?
+        .items;
+    let mut pods = Vec::with_capacity(listed.len());
+    for pod in listed {
+        match adopt::pod_ownership(&t.name, &t.uid, &pod) {
+            PodOwnership::Owned => pods.push(pod),
+            PodOwnership::Ignore => {}
+            PodOwnership::Adopt => {
+                let pname = pod.name_any();
+                let patch = json!({"metadata": {
+                    "ownerReferences": build::adopted_owner_references(set, &pod),
+                    "resourceVersion": pod.resource_version(),
+                }});
+                let adopted = api
+                    .patch(&pname, &merge_params(), &Patch::Merge(patch))
+                    .await
+                    .map_err(kube_err(format!("adopt pod {}/{pname}", t.ns)))?;
+                ctx.event(
+                    set,
+                    EventType::Normal,
+                    "AdoptedPod",
+                    "Adopt",
+                    format!("adopted orphan pod {pname}"),
+                )
+                .await;
+                pods.push(adopted);
+            }
+        }
+    }
+    Ok(pods)
+}
+
+/// What the planner needs to know about a pod named `<set>-<ordinal>`; `None` for other names.
+pub fn pod_info(set_name: &str, pod: &Pod) -> Option<PodInfo> {
+    let ordinal = plan::parse_pod_ordinal(set_name, pod.metadata.name.as_deref()?)?;
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    Some(PodInfo {
+        name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+        ordinal,
+        revision: pod
+            .labels()
+            .get(keys::CONTROLLER_REVISION_HASH_LABEL)
+            .cloned(),
+        phase: PodPhase::parse(status.and_then(|s| s.phase.as_deref())),
+        ready: ready.is_some_and(|c| c.status == "True"),
+        ready_since: ready
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0.as_second()),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+    })
+}
+
+/// The claims named `<template>-<set>-<ordinal>` for the AppSet's templates, keyed by name,
+/// labelling those that lack the AppSet's label (their changes then trigger reconciles).
+pub async fn claims(
+    ctx: &Context,
+    set: &AppSet,
+    t: &Target,
+) -> Result<BTreeMap<String, Claim>, Error> {
+    let templates = template_names(set);
+    let mut claims = BTreeMap::new();
+    if templates.is_empty() {
+        return Ok(claims);
+    }
+    let api: Api<PersistentVolumeClaim> = t.api(ctx);
+    let all = api
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("list PersistentVolumeClaims in {}", t.ns)))?
+        .items;
+    for c in all {
+        let cname = c.name_any();
+        if let Some((template, ordinal)) = adopt::claim_slot(&templates, &t.name, &cname) {
+            claims.insert(
+                cname,
+                Claim {
+                    template,
+                    ordinal,
+                    claim: c,
+                },
+            );
+        }
+    }
+    // Label in bursts; keep what the API server returns, so later patches guarded by
+    // `resourceVersion` in this reconcile see the labelled claim.
+    let unlabelled: Vec<(String, Option<String>)> = claims
+        .iter()
+        .filter(|(_, c)| adopt::claim_needs_label(&t.name, &c.claim))
+        .map(|(n, c)| (n.clone(), c.claim.resource_version()))
+        .collect();
+    let labelled: Vec<Result<PersistentVolumeClaim, Error>> = futures::stream::iter(unlabelled)
+        .map(|(cname, rv)| {
+            let api = api.clone();
+            let patch = json!({"metadata": {
+                "labels": {keys::APPSET_NAME_LABEL: t.name},
+                "resourceVersion": rv,
+            }});
+            async move {
+                api.patch(&cname, &merge_params(), &Patch::Merge(patch))
+                    .await
+                    .map_err(kube_err(format!(
+                        "adopt PersistentVolumeClaim {}/{cname}",
+                        t.ns
+                    )))
+            }
+        })
+        .buffer_unordered(ctx.settings.burst.max(1))
+        .collect()
+        .await;
+    let mut adopted = 0;
+    for result in labelled {
+        let c = result?;
+        if let Some(entry) = claims.get_mut(&c.name_any()) {
+            entry.claim = c;
+            adopted += 1;
+        }
+    }
+    if adopted > 0 {
+        ctx.event(
+            set,
+            EventType::Normal,
+            "AdoptedClaims",
+            "Adopt",
+            format!(
+                "adopted {adopted} existing PersistentVolumeClaims named <template>-{}-<ordinal>",
+                t.name
+            ),
+        )
+        .await;
+    }
+    Ok(claims)
+}
+
+/// The names of the AppSet's volumeClaimTemplates.
+pub fn template_names(set: &AppSet) -> Vec<String> {
+    set.spec
+        .volume_claim_templates
+        .iter()
+        .filter_map(|t| t.metadata.name.clone())
+        .collect()
+}
+
+/// The claims as the planner sees them.
+pub fn claim_infos(t: &Target, claims: &BTreeMap<String, Claim>) -> Vec<ClaimInfo> {
+    claims
+        .iter()
+        .map(|(cname, c)| ClaimInfo {
+            name: cname.clone(),
+            template: c.template.clone(),
+            ordinal: c.ordinal,
+            terminating: c.claim.metadata.deletion_timestamp.is_some(),
+            owners: build::claim_owners_of(&c.claim, &t.uid, &plan::pod_name(&t.name, c.ordinal)),
+        })
+        .collect()
+}
+
+/// The keyed digest of the sources the template references, or `None` when it references
+/// none. A missing required source keeps the previous hash (no rollout to a state the pods
+/// cannot start in) and is reported with a Warning Event. Across a key rotation the recorded
+/// digest is kept while the data is unchanged ([`rotation::Comparison::keep`]): the digest is
+/// part of the revision, so replacing it would roll the set.
+pub async fn config_hash(
+    ctx: &Context,
+    set: &AppSet,
+    t: &Target,
+    previous: Option<&AppSetStatus>,
+) -> Result<Option<String>, Error> {
+    let Some(pod_spec) = set.spec.template.spec.as_ref() else {
+        return Ok(None);
+    };
+    let refs = discovery::references(pod_spec);
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let fetched = fetch::sources(&ctx.client, &t.ns, &refs).await?;
+    let recorded = previous.and_then(|s| s.config_hash.as_deref());
+    if !fetched.missing.is_empty() {
+        let names: Vec<String> = fetched.missing.iter().map(ToString::to_string).collect();
+        ctx.event(set, EventType::Warning, "ConfigSourceMissing", "HashConfig", format!(
+            "the template references {} which do not exist; the config hash is not updated until they do",
+            names.join(", ")
+        )).await;
+        if let Some(h) = recorded {
+            return Ok(Some(h.to_string()));
+        }
+    }
+    let now = Digests::of(&ctx.keyring, &fetched.sources);
+    let recorded = recorded.map(Recorded::bare);
+    let kept = rotation::compare(recorded, &now).keep(recorded, &now);
+    Ok(Some(kept.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("valid pod")
+    }
+
+    #[test]
+    fn pod_info_reads_ordinal_revision_phase_and_readiness() {
+        let p = pod(json!({
+            "metadata": {"name": "web-2", "uid": "u2",
+                "labels": {"controller-revision-hash": "web-abc"}},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:10Z"}
+            ]}
+        }));
+        let info = pod_info("web", &p).expect("an AppSet pod");
+        assert_eq!(info.ordinal, 2);
+        assert_eq!(info.uid, "u2");
+        assert_eq!(info.revision.as_deref(), Some("web-abc"));
+        assert_eq!(info.phase, PodPhase::Running);
+        assert!(info.ready);
+        assert_eq!(info.ready_since, Some(1_767_225_610));
+        assert!(!info.terminating);
+    }
+
+    #[test]
+    fn pod_info_of_an_unready_terminating_pod_and_foreign_names() {
+        let p = pod(json!({
+            "metadata": {"name": "web-0", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}]}
+        }));
+        let info = pod_info("web", &p).expect("an AppSet pod");
+        assert!(info.terminating && !info.ready);
+        assert_eq!(info.phase, PodPhase::Pending);
+        assert_eq!(info.revision, None);
+        assert!(pod_info("web", &pod(json!({"metadata": {"name": "webby-0"}}))).is_none());
+        assert!(pod_info("web", &pod(json!({"metadata": {"name": "web-x"}}))).is_none());
+    }
+}

@@ -1,0 +1,210 @@
+//! One reconcile of an AppSet, as a short sequence of named steps. Each step either reads
+//! ([`observe`]), decides (the pure modules) or writes ([`execute`]):
+//!
+//! 1. **Service**: apply the headless Service when `service: Managed`.
+//! 2. **Config**: with `configRollout`, the digest of the ConfigMaps and Secrets the template
+//!    references ([`observe::config_hash`]).
+//! 3. **Revisions**: list the ControllerRevisions, let [`revision`] pick (create, reuse) the
+//!    update revision and make it exist.
+//! 4. **Observe**: list the pods (adopting orphans) and the claims (labelling adopted ones).
+//! 5. **Plan and execute**: [`plan::plan`] decides, [`execute::plan`] carries it out.
+//! 6. **Claims**: compare claims with their templates, expand those that may grow.
+//! 7. **History**: prune revisions beyond `revisionHistoryLimit`.
+//! 8. **Status**: compute it ([`status`]) and write it only when it changed.
+//!
+//! An AppSet being deleted is left to the garbage collector: pods, revisions and the Service
+//! go with it through their owner references; claims only if `whenDeleted: Delete` made the
+//! AppSet their owner.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use appset_crds::AppSet;
+use appset_crds::appset::{AppSetStatus, PodManagementPolicy, UpdateStrategyType};
+
+use super::controller::{Context, Error};
+use super::execute::{self, Templates};
+use super::observe::{self, Claim, Target};
+use super::plan::{self, PlanInput, PodInfo};
+use super::{revision, status};
+
+/// The revisions as step 3 left them.
+struct Revisions {
+    listed: Vec<k8s_openapi::api::apps::v1::ControllerRevision>,
+    infos: Vec<revision::RevisionInfo>,
+    current: String,
+    update: String,
+    collision_count: i32,
+    templates: Templates,
+}
+
+/// Reconciles one AppSet; the caller adds the tracing span and the backoff.
+pub async fn reconcile(set: &AppSet, ctx: &Context) -> Result<Action, Error> {
+    let t = Target::of(set)?;
+    if set.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let previous = set.status.as_ref();
+    let now = Timestamp::now();
+
+    execute::service(ctx, set, &t).await?;
+    let config_hash = if set.spec.config_rollout {
+        observe::config_hash(ctx, set, &t, previous).await?
+    } else {
+        None
+    };
+    let revs = revisions(ctx, set, &t, config_hash.as_deref(), previous).await?;
+
+    let pods: Vec<PodInfo> = observe::pods(ctx, set, &t)
+        .await?
+        .iter()
+        .filter_map(|p| observe::pod_info(&t.name, p))
+        .collect();
+    let claims = observe::claims(ctx, set, &t).await?;
+
+    let input = plan_input(set, &t, &revs, &pods, &claims, now.as_second());
+    let decided = plan::plan(&input);
+    let burst = match set.spec.pod_management_policy {
+        PodManagementPolicy::Parallel => ctx.settings.burst,
+        PodManagementPolicy::OrderedReady => 1,
+    };
+    execute::plan(ctx, set, &t, &decided, &claims, &revs.templates, burst).await?;
+
+    let claim_status = execute::claims(ctx, set, &t, &claims, previous).await?;
+
+    let live: BTreeSet<String> = pods
+        .iter()
+        .filter_map(|p| p.revision.clone())
+        .chain([revs.current.clone(), revs.update.clone()])
+        .collect();
+    let prune = revision::revisions_to_prune(&revs.infos, &live, set.spec.revision_history_limit);
+    execute::prune_revisions(ctx, &t, &revs.listed, prune).await?;
+
+    let waiting = decided.waiting.as_ref().map(ToString::to_string);
+    let outcome = status::compute(&status::StatusInput {
+        generation: set.metadata.generation,
+        replicas: set.spec.replicas,
+        start_ordinal: set.spec.start_ordinal(),
+        strategy: set.spec.update_strategy.type_,
+        partition: input.partition,
+        max_unavailable: input.max_unavailable,
+        min_ready_seconds: i64::from(set.spec.min_ready_seconds),
+        progress_deadline_seconds: i64::from(set.spec.progress_deadline_seconds),
+        pods: &pods,
+        current_revision: &revs.current,
+        update_revision: &revs.update,
+        collision_count: revs.collision_count,
+        label_selector: super::build::selector_string(&set.spec.selector),
+        config_hash,
+        volume_claim_templates: claim_status,
+        waiting: waiting.clone(),
+        previous,
+        now: Time(now),
+    });
+    if outcome.stalled_now {
+        ctx.event(
+            set,
+            EventType::Warning,
+            status::PROGRESS_DEADLINE_EXCEEDED,
+            "Rollout",
+            format!(
+                "rollout to revision {} made no progress for {}s: {}",
+                revs.update,
+                set.spec.progress_deadline_seconds,
+                waiting.as_deref().unwrap_or("pods are not available")
+            ),
+        )
+        .await;
+    }
+    if previous != Some(&outcome.status) {
+        execute::status(ctx, &t, &outcome.status).await?;
+    }
+    let after = plan::requeue_after([decided.requeue_after, outcome.check_deadline_after]);
+    Ok(Action::requeue(Duration::from_secs(after.unsigned_abs())))
+}
+
+/// Step 3: the update revision (created or reused as needed), the current one, and every
+/// revision's template.
+async fn revisions(
+    ctx: &Context,
+    set: &AppSet,
+    t: &Target,
+    config_hash: Option<&str>,
+    previous: Option<&AppSetStatus>,
+) -> Result<Revisions, Error> {
+    let listed = observe::revisions(ctx, t).await?;
+    let infos = observe::revision_infos(&listed);
+    let template = revision::effective_template(&set.spec.template, config_hash);
+    let data = revision::revision_data(&template);
+    let collision_before = previous.and_then(|s| s.collision_count).unwrap_or(0);
+    let (choice, collision_count) =
+        revision::choose_update_revision(&t.name, &data, &infos, collision_before);
+    execute::update_revision(ctx, set, t, &listed, &choice, &data).await?;
+    let update = choice.name().to_string();
+    let current = revision::current_revision(
+        previous.and_then(|s| s.current_revision.as_deref()),
+        &infos,
+        &update,
+    );
+    let mut by_revision: BTreeMap<_, _> = infos
+        .iter()
+        .filter_map(|r| revision::template_of(&r.data).map(|tmpl| (r.name.clone(), tmpl)))
+        .collect();
+    by_revision.insert(update.clone(), template);
+    Ok(Revisions {
+        listed,
+        infos,
+        current,
+        collision_count,
+        templates: Templates {
+            by_revision,
+            update_revision: update.clone(),
+        },
+        update,
+    })
+}
+
+/// What the planner decides from.
+fn plan_input(
+    set: &AppSet,
+    t: &Target,
+    revs: &Revisions,
+    pods: &[PodInfo],
+    claims: &BTreeMap<String, Claim>,
+    now: i64,
+) -> PlanInput {
+    let spec = &set.spec;
+    let max_unavailable = plan::resolve_max_unavailable(
+        spec.update_strategy
+            .rolling_update
+            .as_ref()
+            .and_then(|r| r.max_unavailable.as_ref()),
+        spec.replicas,
+    );
+    let partition = match spec.update_strategy.type_ {
+        UpdateStrategyType::RollingUpdate => spec.partition(),
+        UpdateStrategyType::OnDelete => 0,
+    };
+    PlanInput {
+        set_name: t.name.clone(),
+        replicas: spec.replicas,
+        start_ordinal: spec.start_ordinal(),
+        policy: spec.pod_management_policy,
+        strategy: spec.update_strategy.type_,
+        partition,
+        max_unavailable,
+        min_ready_seconds: i64::from(spec.min_ready_seconds),
+        retention: spec.persistent_volume_claim_retention_policy.clone(),
+        claim_templates: observe::template_names(set),
+        current_revision: revs.current.clone(),
+        update_revision: revs.update.clone(),
+        now,
+        pods: pods.to_vec(),
+        claims: observe::claim_infos(t, claims),
+    }
+}

@@ -1,0 +1,244 @@
+//! The small API-server helpers both controllers use, so that neither spells them twice: which
+//! namespaces a controller works in ([`Scope`]), the request parameters that carry appset's one
+//! field manager, status-code checks, bounded concurrency, ownership checks, readiness on a
+//! watch's first sync, and Event publishing that never fails a reconcile.
+
+use std::future::Future;
+
+use appset_crds::keys;
+use appset_process::readiness::ReadyHandle;
+use futures::{Stream, StreamExt, stream};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{ObjectMeta, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+use tracing::warn;
+
+/// The namespaces a controller works in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every namespace (cluster-wide watches).
+    #[default]
+    All,
+    /// Only these (one set of watches each).
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    /// From a list as flags give it: names are trimmed, empty ones dropped, and an empty list
+    /// means every namespace.
+    pub fn from_list<S: AsRef<str>>(list: &[S]) -> Self {
+        let names: Vec<String> = list
+            .iter()
+            .map(|s| s.as_ref().trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if names.is_empty() {
+            Self::All
+        } else {
+            Self::Namespaces(names)
+        }
+    }
+
+    /// One namespace.
+    pub fn namespace(name: impl Into<String>) -> Self {
+        Self::Namespaces(vec![name.into()])
+    }
+
+    /// Each set of watches to run: `None` for one cluster-wide set, else one per namespace.
+    pub fn parts(&self) -> Vec<Option<String>> {
+        match self {
+            Self::All => vec![None],
+            Self::Namespaces(list) => list.iter().cloned().map(Some).collect(),
+        }
+    }
+
+    /// Whether `namespace` is in scope.
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Namespaces(list) => list.iter().any(|n| n == namespace),
+        }
+    }
+}
+
+/// An `Api` over one namespace, or over all of them for `None`.
+pub fn api_in<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Parameters of a merge or JSON patch under appset's field manager.
+pub fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(keys::FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Parameters of a server-side apply under appset's field manager, taking over conflicts.
+pub fn apply_params() -> PatchParams {
+    PatchParams::apply(keys::FIELD_MANAGER).force()
+}
+
+/// Parameters of a create under appset's field manager.
+pub fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(keys::FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Whether the API server answered with this HTTP status code.
+pub fn is_status(err: &kube::Error, code: u16) -> bool {
+    matches!(err, kube::Error::Api(s) if s.code == code)
+}
+
+/// Whether the object was not found (404).
+pub fn is_not_found(err: &kube::Error) -> bool {
+    is_status(err, 404)
+}
+
+/// Whether the request conflicted: the object exists, or a precondition failed (409).
+pub fn is_conflict(err: &kube::Error) -> bool {
+    is_status(err, 409)
+}
+
+/// Runs `jobs` with at most `limit` in flight, and returns the first error once all finished.
+pub async fn bounded<F, E>(jobs: Vec<F>, limit: usize) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let results: Vec<Result<(), E>> = stream::iter(jobs)
+        .buffer_unordered(limit.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Whether the object's controller owner reference names `uid`: `None` when it has no
+/// controller at all (an orphan that may be adopted).
+pub fn is_controlled_by(meta: &ObjectMeta, uid: &str) -> Option<bool> {
+    let controller = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))?;
+    Some(controller.uid == uid)
+}
+
+/// Passes a watch stream through and releases `ready` at its first `InitDone` (the end of its
+/// first complete list), so that readiness reflects every watch a controller runs.
+pub fn release_on_sync<K, S>(stream: S, ready: ReadyHandle) -> impl Stream<Item = S::Item>
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut ready = Some(ready);
+    stream.inspect(move |ev| {
+        if let Ok(watcher::Event::InitDone) = ev
+            && let Some(handle) = ready.take()
+        {
+            handle.ready();
+        }
+    })
+}
+
+/// Publishes one Event about `obj`. A failure is logged, never returned: an Event is a report,
+/// and failing to send one must not fail the work it reports on.
+pub async fn publish<K>(
+    recorder: &Recorder,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(err) = recorder.publish(&event, &obj.object_ref(&())).await {
+        warn!(error = %err, reason, "cannot publish an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    #[test]
+    fn scope_from_flags() {
+        assert_eq!(Scope::from_list::<&str>(&[]), Scope::All);
+        assert_eq!(Scope::from_list(&["", " "]), Scope::All);
+        let s = Scope::from_list(&["a", " b", ""]);
+        assert_eq!(s, Scope::Namespaces(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            s.parts(),
+            vec![Some("a".to_string()), Some("b".to_string())]
+        );
+        assert!(s.contains("b") && !s.contains("c"));
+        assert_eq!(Scope::All.parts(), vec![None]);
+        assert!(Scope::All.contains("anything"));
+    }
+
+    #[test]
+    fn controller_ownership() {
+        let owner = |uid: &str, controller: Option<bool>| OwnerReference {
+            api_version: "appset.dev/v1alpha1".into(),
+            kind: "AppSet".into(),
+            name: "web".into(),
+            uid: uid.into(),
+            controller,
+            block_owner_deletion: None,
+        };
+        let meta = |refs: Vec<OwnerReference>| ObjectMeta {
+            owner_references: Some(refs),
+            ..Default::default()
+        };
+        assert_eq!(
+            is_controlled_by(&meta(vec![owner("a", Some(true))]), "a"),
+            Some(true)
+        );
+        assert_eq!(
+            is_controlled_by(&meta(vec![owner("b", Some(true))]), "a"),
+            Some(false)
+        );
+        assert_eq!(is_controlled_by(&meta(vec![owner("a", None)]), "a"), None);
+        assert_eq!(is_controlled_by(&ObjectMeta::default(), "a"), None);
+    }
+
+    #[tokio::test]
+    async fn bounded_runs_everything_and_returns_the_first_error() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let ran = AtomicUsize::new(0);
+        let jobs: Vec<_> = (0..10)
+            .map(|i| {
+                let ran = &ran;
+                async move {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    if i == 3 {
+                        Err(format!("job {i}"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .collect();
+        let r = bounded(jobs, 4).await;
+        assert_eq!(r, Err("job 3".to_string()));
+        assert_eq!(ran.load(Ordering::SeqCst), 10);
+    }
+}
