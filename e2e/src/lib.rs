@@ -2,6 +2,13 @@
 //! `e2e/run.sh` brings up when none is given), gives every test its own namespace, and waits for
 //! conditions with a deadline, reporting what it last saw when the deadline passes.
 //!
+//! * [`harness`]: test namespaces, the client, `wait_for`;
+//! * [`runners`]: the AppSet controller, config rollout and the webhook run in-process, each
+//!   returned once ready;
+//! * [`fixtures`]: the manifests (AppSet, StatefulSet, Deployment, ConfigMap, Secret) and small
+//!   object helpers the tests and benchmarks share;
+//! * [`process`]: child processes (the real binaries, helm, kubectl) and scratch files.
+//!
 //! ```ignore
 //! let ns = TestNamespace::new("rollout").await?;          // namespace rollout-<random>
 //! let pods: Api<Pod> = ns.api();
@@ -12,7 +19,9 @@
 //! ns.cleanup().await;
 //! ```
 
+pub mod fixtures;
 pub mod harness;
 pub mod process;
+pub mod runners;
 
 pub use harness::{TestNamespace, client, repo_root, wait_for};

@@ -7,22 +7,25 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use appset_crds::keys;
+use appset_e2e::fixtures::{
+    annotation, auto, config_map, create, deployment, merge_patch, pod_template, secret,
+    template_hash,
+};
+use appset_e2e::runners::ConfigRollout;
 use appset_e2e::{TestNamespace, wait_for};
-use appset_operator::config::controller::{self, Readiness, Settings};
+use appset_operator::config::controller::Settings;
 use appset_operator::config::index::WorkloadKind;
-use appset_operator::config::metrics::Metrics;
 use appset_operator::config::rollout::Policy;
+use appset_operator::kubeapi::Scope;
 use k8s_openapi::api::apps::v1::{
     ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::ListParams;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const WINDOW: Duration = Duration::from_secs(1);
 const MIN_INTERVAL: Duration = Duration::from_secs(3);
@@ -30,139 +33,21 @@ const MIN_INTERVAL: Duration = Duration::from_secs(3);
 const QUIET: Duration = Duration::from_secs(6);
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The controller running in a task, scoped to one namespace.
-struct Operator {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-    metrics: Metrics,
-}
-
-impl Operator {
-    async fn start(ns: &TestNamespace) -> Result<Self> {
-        Self::start_with(ns, false).await
-    }
-
-    async fn start_with(ns: &TestNamespace, reloader_compat: bool) -> Result<Self> {
-        let mut settings = Settings::new(&ns.name);
-        settings.reloader_compat = reloader_compat;
-        settings.namespaces = vec![ns.name.clone()];
-        settings.policy = Policy {
+/// The test's settings: scoped to `ns`, with a short coalescing window and minimum interval.
+fn settings(ns: &TestNamespace, reloader_compat: bool) -> Settings {
+    Settings {
+        reloader_compat,
+        policy: Policy {
             window: WINDOW,
             min_interval: MIN_INTERVAL,
-        };
-        let metrics = Metrics::default();
-        let readiness = Readiness::default();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let client = ns.client.clone();
-        let (m, r) = (metrics.clone(), readiness.clone());
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(err) = controller::run(client, settings, m, r, shutdown).await {
-                panic!("the config rollout controller failed: {err}");
-            }
-        });
-        wait_for("the controller's caches to sync", DEADLINE, || async {
-            Ok(if readiness.is_ready() {
-                Ok(())
-            } else {
-                Err("not ready".to_string())
-            })
-        })
-        .await?;
-        Ok(Self {
-            stop,
-            task,
-            metrics,
-        })
-    }
-
-    fn alive(&self) -> bool {
-        !self.task.is_finished()
-    }
-
-    fn rollouts(&self, kind: WorkloadKind) -> u64 {
-        self.metrics.rollouts.get_or_create(&kind.into()).get()
-    }
-
-    fn reconciles(&self, kind: WorkloadKind) -> u64 {
-        self.metrics.reconciles.get_or_create(&kind.into()).get()
-    }
-
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .context("the controller did not stop within 30s")?
-            .context("the controller task panicked")
+        },
+        ..ConfigRollout::settings(ns)
     }
 }
 
-fn from_json<T: DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).expect("valid object")
-}
-
-async fn create<K>(api: &Api<K>, v: Value) -> Result<K>
-where
-    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let obj: K = from_json(v);
-    api.create(&PostParams::default(), &obj)
-        .await
-        .with_context(|| format!("create {}", obj.name_any()))
-}
-
-fn pod_template(app: &str, spec: Value) -> Value {
-    let mut pod = json!({"containers": [{"name": "app", "image": "registry.invalid/app:1"}]});
-    if let (Some(p), Some(extra)) = (pod.as_object_mut(), spec.as_object()) {
-        for (k, v) in extra {
-            if k == "container" {
-                if let Some(c) = p["containers"][0].as_object_mut() {
-                    for (ck, cv) in v.as_object().into_iter().flatten() {
-                        c.insert(ck.clone(), cv.clone());
-                    }
-                }
-            } else {
-                p.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    json!({"metadata": {"labels": {"app": app}}, "spec": pod})
-}
-
-fn deployment(name: &str, annotations: Value, spec: Value) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": pod_template(name, spec),
-        }
-    })
-}
-
-fn auto() -> Value {
-    json!({ keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_AUTO })
-}
-
-fn config_map(name: &str, data: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
-}
-
-fn secret(name: &str, data: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
-}
-
-async fn merge<K>(api: &Api<K>, name: &str, patch: Value) -> Result<()>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .with_context(|| format!("patch {name}"))?;
-    Ok(())
+/// Starts the controller for `ns`; returns once it is ready.
+async fn start(ns: &TestNamespace) -> Result<ConfigRollout> {
+    ConfigRollout::start(ns, settings(ns, false)).await
 }
 
 /// The ReplicaSets a Deployment owns.
@@ -189,22 +74,6 @@ async fn wait_replica_sets(ns: &TestNamespace, deploy: &str, n: usize) -> Result
         },
     )
     .await
-}
-
-fn annotation<K: Resource>(obj: &K, key: &str) -> Option<String> {
-    obj.meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key).cloned())
-}
-
-fn template_hash(d: &Deployment) -> Option<String> {
-    d.spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(keys::CONFIG_HASH).cloned())
 }
 
 /// Waits until the controller has recorded its baseline on the workload.
@@ -248,7 +117,7 @@ async fn wait_event(ns: &TestNamespace, name: &str, reason: &str) -> Result<Even
 #[tokio::test]
 async fn editing_a_configmap_rolls_a_deployment() -> Result<()> {
     let ns = TestNamespace::new("cfg-deploy").await?;
-    let op = Operator::start(&ns).await?;
+    let op = start(&ns).await?;
     let cms = ns.api::<ConfigMap>();
     let deploys = ns.api::<Deployment>();
     create(&cms, config_map("web-config", json!({"greeting": "hello"}))).await?;
@@ -269,7 +138,7 @@ async fn editing_a_configmap_rolls_a_deployment() -> Result<()> {
     );
     wait_replica_sets(&ns, "web", 1).await?;
 
-    merge(&cms, "web-config", json!({"data": {"greeting": "bonjour"}})).await?;
+    merge_patch(&cms, "web-config", json!({"data": {"greeting": "bonjour"}})).await?;
     wait_replica_sets(&ns, "web", 2).await?;
     let rolled = deploys.get("web").await?;
     let hash = template_hash(&rolled).context("the pod template carries the config hash")?;
@@ -301,7 +170,7 @@ async fn editing_a_configmap_rolls_a_deployment() -> Result<()> {
 #[tokio::test]
 async fn editing_a_configmap_rolls_a_statefulset_and_a_daemonset() -> Result<()> {
     let ns = TestNamespace::new("cfg-sts-ds").await?;
-    let op = Operator::start(&ns).await?;
+    let op = start(&ns).await?;
     let cms = ns.api::<ConfigMap>();
     create(&cms, config_map("shared", json!({"a.conf": "x=1"}))).await?;
     let volume = json!({
@@ -360,7 +229,7 @@ async fn editing_a_configmap_rolls_a_statefulset_and_a_daemonset() -> Result<()>
         .await?;
     }
 
-    merge(&cms, "shared", json!({"data": {"a.conf": "x=2"}})).await?;
+    merge_patch(&cms, "shared", json!({"data": {"a.conf": "x=2"}})).await?;
     for owner in ["db", "agent"] {
         wait_for(
             &format!("a second revision of {owner}"),
@@ -403,7 +272,7 @@ async fn editing_a_configmap_rolls_a_statefulset_and_a_daemonset() -> Result<()>
 #[tokio::test]
 async fn editing_a_secret_rolls_only_for_the_keys_used() -> Result<()> {
     let ns = TestNamespace::new("cfg-secret").await?;
-    let op = Operator::start(&ns).await?;
+    let op = start(&ns).await?;
     let secrets = ns.api::<Secret>();
     let deploys = ns.api::<Deployment>();
     create(
@@ -429,7 +298,7 @@ async fn editing_a_secret_rolls_only_for_the_keys_used() -> Result<()> {
     wait_replica_sets(&ns, "api", 1).await?;
 
     // A key the pod does not use: no rollout.
-    merge(&secrets, "db-creds", json!({"stringData": {"unused": "b"}})).await?;
+    merge_patch(&secrets, "db-creds", json!({"stringData": {"unused": "b"}})).await?;
     tokio::time::sleep(QUIET).await;
     assert_eq!(
         replica_sets(&ns, "api").await?.len(),
@@ -437,7 +306,7 @@ async fn editing_a_secret_rolls_only_for_the_keys_used() -> Result<()> {
         "an unused key rolled the Deployment"
     );
 
-    merge(
+    merge_patch(
         &secrets,
         "db-creds",
         json!({"stringData": {"password": "s3cret-two"}}),
@@ -459,7 +328,7 @@ async fn editing_a_secret_rolls_only_for_the_keys_used() -> Result<()> {
 #[tokio::test]
 async fn editing_two_sources_at_once_gives_one_new_replicaset() -> Result<()> {
     let ns = TestNamespace::new("cfg-burst").await?;
-    let op = Operator::start(&ns).await?;
+    let op = start(&ns).await?;
     let cms = ns.api::<ConfigMap>();
     let secrets = ns.api::<Secret>();
     let deploys = ns.api::<Deployment>();
@@ -480,9 +349,9 @@ async fn editing_two_sources_at_once_gives_one_new_replicaset() -> Result<()> {
     wait_adopted(&deploys, "worker").await?;
     wait_replica_sets(&ns, "worker", 1).await?;
 
-    merge(&cms, "settings", json!({"data": {"mode": "b"}})).await?;
-    merge(&secrets, "token", json!({"stringData": {"token": "t2"}})).await?;
-    merge(&cms, "settings", json!({"data": {"mode": "c"}})).await?;
+    merge_patch(&cms, "settings", json!({"data": {"mode": "b"}})).await?;
+    merge_patch(&secrets, "token", json!({"stringData": {"token": "t2"}})).await?;
+    merge_patch(&cms, "settings", json!({"data": {"mode": "c"}})).await?;
     wait_replica_sets(&ns, "worker", 2).await?;
     tokio::time::sleep(QUIET).await;
     assert_eq!(
@@ -515,12 +384,12 @@ async fn restarting_the_operator_rolls_nothing() -> Result<()> {
         deployment("app", auto(), json!({"container": {"env": [{"name": "K", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "k"}}}]}})),
     )
     .await?;
-    let first = Operator::start(&ns).await?;
+    let first = start(&ns).await?;
     let adopted = wait_adopted(&deploys, "app").await?;
     wait_replica_sets(&ns, "app", 1).await?;
     first.stop().await?;
 
-    let second = Operator::start(&ns).await?;
+    let second = start(&ns).await?;
     wait_for(
         "the restarted controller to reconcile the Deployment",
         DEADLINE,
@@ -556,7 +425,7 @@ async fn restarting_the_operator_rolls_nothing() -> Result<()> {
 #[tokio::test]
 async fn a_label_change_on_a_source_rolls_nothing() -> Result<()> {
     let ns = TestNamespace::new("cfg-labels").await?;
-    let op = Operator::start(&ns).await?;
+    let op = start(&ns).await?;
     let cms = ns.api::<ConfigMap>();
     let deploys = ns.api::<Deployment>();
     create(&cms, config_map("labelled", json!({"k": "v"}))).await?;
@@ -573,7 +442,7 @@ async fn a_label_change_on_a_source_rolls_nothing() -> Result<()> {
     wait_replica_sets(&ns, "svc", 1).await?;
     let before = op.reconciles(WorkloadKind::Deployment);
 
-    merge(
+    merge_patch(
         &cms,
         "labelled",
         json!({"metadata": {"labels": {"team": "blue"}, "annotations": {"note": "relabelled"}}}),
@@ -607,7 +476,7 @@ async fn a_label_change_on_a_source_rolls_nothing() -> Result<()> {
 #[tokio::test]
 async fn a_workload_without_the_annotation_is_never_touched() -> Result<()> {
     let ns = TestNamespace::new("cfg-optout").await?;
-    let op = Operator::start(&ns).await?;
+    let op = start(&ns).await?;
     let cms = ns.api::<ConfigMap>();
     let deploys = ns.api::<Deployment>();
     create(&cms, config_map("plain", json!({"k": "v"}))).await?;
@@ -632,7 +501,7 @@ async fn a_workload_without_the_annotation_is_never_touched() -> Result<()> {
     .await?;
     wait_adopted(&deploys, "neighbour").await?;
     wait_replica_sets(&ns, "untouched", 1).await?;
-    merge(&cms, "plain", json!({"data": {"k": "changed"}})).await?;
+    merge_patch(&cms, "plain", json!({"data": {"k": "changed"}})).await?;
     wait_replica_sets(&ns, "neighbour", 2).await?;
     tokio::time::sleep(QUIET).await;
 
@@ -657,7 +526,7 @@ async fn a_workload_without_the_annotation_is_never_touched() -> Result<()> {
 #[tokio::test]
 async fn a_missing_required_source_gives_an_event_and_no_crash() -> Result<()> {
     let ns = TestNamespace::new("cfg-missing").await?;
-    let op = Operator::start(&ns).await?;
+    let op = start(&ns).await?;
     let deploys = ns.api::<Deployment>();
     let annotations: BTreeMap<&str, &str> =
         BTreeMap::from([(keys::CONFIG_ROLLOUT, keys::CONFIG_ROLLOUT_AUTO)]);
@@ -745,7 +614,7 @@ async fn only_one_replica_leads_and_a_dead_leader_is_replaced() -> Result<()> {
 #[tokio::test]
 async fn reloader_annotations_are_honoured_only_in_compatibility_mode() -> Result<()> {
     let ns = TestNamespace::new("cfg-reloader").await?;
-    let op = Operator::start_with(&ns, true).await?;
+    let op = ConfigRollout::start(&ns, settings(&ns, true)).await?;
     let cms = ns.api::<ConfigMap>();
     let deploys = ns.api::<Deployment>();
     create(&cms, config_map("legacy", json!({"k": "v"}))).await?;
@@ -761,13 +630,13 @@ async fn reloader_annotations_are_honoured_only_in_compatibility_mode() -> Resul
     .await?;
     wait_adopted(&deploys, "migrated").await?;
     wait_replica_sets(&ns, "migrated", 1).await?;
-    merge(&cms, "legacy", json!({"data": {"k": "w"}})).await?;
+    merge_patch(&cms, "legacy", json!({"data": {"k": "w"}})).await?;
     wait_replica_sets(&ns, "migrated", 2).await?;
     op.stop().await?;
 
     // Without the flag, the same annotation means nothing; a neighbour with appset's own
     // annotation proves the controller is at work.
-    let plain = Operator::start(&ns).await?;
+    let plain = start(&ns).await?;
     create(
         &deploys,
         deployment(
@@ -780,7 +649,7 @@ async fn reloader_annotations_are_honoured_only_in_compatibility_mode() -> Resul
     create(&deploys, deployment("native", auto(), env_from)).await?;
     wait_adopted(&deploys, "native").await?;
     wait_replica_sets(&ns, "ignored", 1).await?;
-    merge(&cms, "legacy", json!({"data": {"k": "x"}})).await?;
+    merge_patch(&cms, "legacy", json!({"data": {"k": "x"}})).await?;
     wait_replica_sets(&ns, "native", 2).await?;
     tokio::time::sleep(QUIET).await;
     let ignored = deploys.get("ignored").await?;
@@ -796,29 +665,12 @@ async fn a_namespace_selector_is_followed_live() -> Result<()> {
     use k8s_openapi::api::core::v1::Namespace;
     let ns = TestNamespace::new("cfg-select").await?;
     // Every namespace, filtered by a label only this test's namespace will carry.
-    let mut settings = Settings::new(&ns.name);
-    settings.namespace_selector = Some(format!("appset-e2e-config-selector={}", ns.name));
-    settings.policy = Policy {
-        window: WINDOW,
-        min_interval: MIN_INTERVAL,
+    let settings = Settings {
+        scope: Scope::All,
+        namespace_selector: Some(format!("appset-e2e-config-selector={}", ns.name)),
+        ..settings(&ns, false)
     };
-    let readiness = Readiness::default();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (client, r) = (ns.client.clone(), readiness.clone());
-    let task = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        controller::run(client, settings, Metrics::default(), r, shutdown).await
-    });
-    wait_for("the controller's caches to sync", DEADLINE, || async {
-        Ok(if readiness.is_ready() {
-            Ok(())
-        } else {
-            Err("not ready".to_string())
-        })
-    })
-    .await?;
+    let op = ConfigRollout::start(&ns, settings).await?;
 
     let cms = ns.api::<ConfigMap>();
     let deploys = ns.api::<Deployment>();
@@ -836,15 +688,15 @@ async fn a_namespace_selector_is_followed_live() -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(ns.client.clone());
     let label =
         |value: Value| json!({"metadata": {"labels": {"appset-e2e-config-selector": value}}});
-    merge(&namespaces, &ns.name, label(json!(ns.name))).await?;
+    merge_patch(&namespaces, &ns.name, label(json!(ns.name))).await?;
     wait_adopted(&deploys, "web").await?;
-    merge(&cms, "cfg", json!({"data": {"k": "2"}})).await?;
+    merge_patch(&cms, "cfg", json!({"data": {"k": "2"}})).await?;
     wait_replica_sets(&ns, "web", 2).await?;
 
     // The namespace leaves the selection: changes no longer roll.
-    merge(&namespaces, &ns.name, label(Value::Null)).await?;
+    merge_patch(&namespaces, &ns.name, label(Value::Null)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    merge(&cms, "cfg", json!({"data": {"k": "3"}})).await?;
+    merge_patch(&cms, "cfg", json!({"data": {"k": "3"}})).await?;
     tokio::time::sleep(QUIET).await;
     assert_eq!(
         replica_sets(&ns, "web").await?.len(),
@@ -852,12 +704,7 @@ async fn a_namespace_selector_is_followed_live() -> Result<()> {
         "a deselected namespace was rolled"
     );
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .context("the controller did not stop")?
-        .context("the controller task panicked")?
-        .context("the controller failed")?;
+    op.stop().await?;
     ns.cleanup().await;
     Ok(())
 }

@@ -12,127 +12,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use appset_crds::{AppSet, PodInjection, keys};
+use appset_e2e::fixtures::{appset_with_spec, claimed_set_spec, merge};
+use appset_e2e::runners::{AppSetController, WEBHOOK_CERT_SECRET as CERT_SECRET, Webhook};
 use appset_e2e::{TestNamespace, wait_for};
-use appset_operator::appset::controller;
 use std::sync::Arc;
 
 use appset_webhook::tls::manager::{TlsConfig, TlsManager};
 use appset_webhook::tls::material::Policy;
 use appset_webhook::tls::resolver::CertResolver;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio::net::TcpListener;
-
-const CERT_SECRET: &str = "appset-webhook-certs";
-
-/// A webhook running in the test process, and its configuration in the cluster.
-struct Webhook {
-    configs: Api<MutatingWebhookConfiguration>,
-    name: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), appset_webhook::Error>>,
-}
-
-impl Webhook {
-    /// Creates the configuration and starts the webhook; returns once the `caBundle` is set.
-    async fn start(ns: &TestNamespace, policy: Policy, check_interval: Duration) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let name = format!("appset-webhook-{}", ns.name);
-        let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
-        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
-            "webhooks": [{
-                "name": "inject.appset.dev",
-                "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
-                "failurePolicy": "Fail",
-                "sideEffects": "None",
-                "reinvocationPolicy": "IfNeeded",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 10
-            }]
-        }))?;
-        configs
-            .create(&PostParams::default(), &mwc)
-            .await
-            .context("create the MutatingWebhookConfiguration")?;
-        let config = appset_webhook::Config {
-            listen: listener.local_addr()?,
-            tls: TlsConfig {
-                secret_namespace: ns.name.clone(),
-                secret_name: CERT_SECRET.into(),
-                webhook_configuration: Some(name.clone()),
-                policy,
-                check_interval,
-            },
-            watch_namespace: Some(ns.name.clone()),
-            namespace_cache: true,
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let client = ns.client.clone();
-        let task = tokio::spawn(appset_webhook::serve_on(
-            listener,
-            config,
-            client,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        let webhook = Self {
-            configs: configs.clone(),
-            name: name.clone(),
-            stop: Some(tx),
-            task,
-        };
-        wait_for(
-            "the caBundle to be published",
-            Duration::from_secs(30),
-            || {
-                let configs = configs.clone();
-                let name = name.clone();
-                async move {
-                    let c = configs.get(&name).await?;
-                    let set = c
-                        .webhooks
-                        .iter()
-                        .flatten()
-                        .all(|w| w.client_config.ca_bundle.is_some());
-                    Ok(if set {
-                        Ok(())
-                    } else {
-                        Err("caBundle empty".to_string())
-                    })
-                }
-            },
-        )
-        .await?;
-        Ok(webhook)
-    }
-
-    /// Stops the webhook and deletes its configuration.
-    async fn stop(mut self) -> Result<()> {
-        if let Err(e) = self
-            .configs
-            .delete(&self.name, &DeleteParams::default())
-            .await
-        {
-            eprintln!("cannot delete {}: {e}", self.name);
-        }
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
-            .await
-            .context("the webhook did not stop")???;
-        Ok(())
-    }
-}
 
 fn quick_policy() -> Policy {
     Policy::default()
@@ -568,40 +460,15 @@ async fn pods_of_an_appset_are_injected() -> Result<()> {
         .create(&PostParams::default(), &git_content()?)
         .await?;
     let webhook = Webhook::start(&ns, quick_policy(), Duration::from_secs(30)).await?;
-    let mut settings = controller::Settings::new(ns.name.clone());
-    settings.namespaces = Some(vec![ns.name.clone()]);
-    let (ctl_stop, ctl_rx) = tokio::sync::oneshot::channel::<()>();
-    let client = ns.client.clone();
-    let ctl = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = ctl_rx.await;
-        };
-        if let Err(e) = controller::run(client, settings, shutdown).await {
-            eprintln!("AppSet controller failed: {e}");
-        }
-    });
+    let ctl = AppSetController::start(&ns).await?;
     let result = async {
         wait_injecting(&ns, &nginx_pod("probe")?).await?;
-        let set: AppSet = serde_json::from_value(json!({
-            "apiVersion": "appset.dev/v1alpha1", "kind": "AppSet",
-            "metadata": {"name": "web"},
-            "spec": {
-                "replicas": 2,
-                "serviceName": "web",
-                "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {
-                    "metadata": {"labels": {"app": "web"}},
-                    "spec": {"containers": [{"name": "nginx", "image": "nginx:1.27",
-                        "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
-                },
-                "volumeClaimTemplates": [{
-                    "metadata": {"name": "data"},
-                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
-                }]
-            }
-        }))?;
-        ns.api::<AppSet>().create(&PostParams::default(), &set).await?;
+        let mut spec = claimed_set_spec("web", 2, "nginx:1.27");
+        merge(&mut spec, json!({"podManagementPolicy": "Parallel"}));
+        let set = appset_with_spec("web", spec)?;
+        ns.api::<AppSet>()
+            .create(&PostParams::default(), &set)
+            .await?;
         let pods = ns.api::<Pod>();
         let found = wait_for("pods web-0 and web-1", Duration::from_secs(60), || {
             let pods = pods.clone();
@@ -612,7 +479,11 @@ async fn pods_of_an_appset_are_injected() -> Result<()> {
                         got.push(p);
                     }
                 }
-                Ok(if got.len() == 2 { Ok(got) } else { Err(format!("{} of 2 pods", got.len())) })
+                Ok(if got.len() == 2 {
+                    Ok(got)
+                } else {
+                    Err(format!("{} of 2 pods", got.len()))
+                })
             }
         })
         .await?;
@@ -622,8 +493,7 @@ async fn pods_of_an_appset_are_injected() -> Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    let _ = ctl_stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), ctl).await;
+    ctl.stop().await?;
     webhook.stop().await?;
     result?;
     ns.cleanup().await;

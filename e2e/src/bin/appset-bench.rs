@@ -18,29 +18,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use appset_crds::AppSet;
 use appset_e2e::TestNamespace;
-use appset_operator::appset::controller::{self, Settings};
+use appset_e2e::fixtures::{claimed_set_spec, merge};
+use appset_e2e::runners::AppSetController;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 
+/// The spec both sets are created with: `replicas` nginx pods with one claim each.
 fn spec(replicas: i32, policy: &str) -> Value {
-    json!({
-        "replicas": replicas,
-        "serviceName": "bench",
-        "podManagementPolicy": policy,
-        "selector": {"matchLabels": {"app": "bench"}},
-        "template": {
-            "metadata": {"labels": {"app": "bench"}},
-            "spec": {"containers": [{"name": "main", "image": "nginx:1.27",
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
-        },
-        "volumeClaimTemplates": [{
-            "metadata": {"name": "data"},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
-        }]
-    })
+    let mut spec = claimed_set_spec("bench", replicas, "nginx:1.27");
+    merge(&mut spec, json!({"podManagementPolicy": policy}));
+    spec
 }
 
 /// Polls until `n` pods are Running and Ready and `n` claims are Bound in the namespace.
@@ -112,18 +102,8 @@ async fn time_statefulset(replicas: i32, policy: &str) -> Result<Duration> {
 
 async fn time_appset(replicas: i32, policy: &str) -> Result<Duration> {
     let ns = TestNamespace::new("bench-aps").await?;
-    let mut settings = Settings::new(ns.name.clone());
-    settings.namespaces = Some(vec![ns.name.clone()]);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = ns.client.clone();
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = rx.await;
-        };
-        controller::run(client, settings, shutdown).await
-    });
-    // Let the controller list and watch before the clock starts.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Started and ready (every watch listed) before the clock starts.
+    let controller = AppSetController::start(&ns).await?;
     let set: AppSet = serde_json::from_value(json!({
         "apiVersion": "appset.dev/v1alpha1", "kind": "AppSet",
         "metadata": {"name": "bench"}, "spec": spec(replicas, policy)
@@ -134,11 +114,8 @@ async fn time_appset(replicas: i32, policy: &str) -> Result<Duration> {
         .await?;
     let result = wait_all_ready(&ns, replicas as usize, Duration::from_secs(900)).await;
     let took = start.elapsed();
-    let _ = tx.send(());
-    match tokio::time::timeout(Duration::from_secs(10), task).await {
-        Ok(Ok(Err(err))) => eprintln!("AppSet controller: {err}"),
-        Ok(Err(err)) => eprintln!("AppSet controller task: {err}"),
-        _ => {}
+    if let Err(err) = controller.stop().await {
+        eprintln!("AppSet controller: {err:#}");
     }
     finish(ns).await?;
     result?;

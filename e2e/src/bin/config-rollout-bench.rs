@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use appset_crds::keys;
+use appset_e2e::fixtures::template_hash;
 use appset_e2e::{TestNamespace, wait_for};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::ByteString;
@@ -143,15 +144,6 @@ fn deployment(i: usize, a: &Args) -> Deployment {
         }
     }))
     .unwrap_or_default()
-}
-
-fn template_hash(d: &Deployment) -> Option<String> {
-    d.spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(keys::CONFIG_HASH).cloned())
 }
 
 fn memory_kib(pid: u32, field: &str) -> Option<u64> {

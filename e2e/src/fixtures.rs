@@ -1,0 +1,214 @@
+//! Manifests and small helpers the tests and benchmarks share, so that an AppSet, the
+//! StatefulSet it is compared with, a Deployment or a ConfigMap is written once.
+//!
+//! Manifests are built as JSON (`serde_json::json!`), close to the YAML a user writes, and
+//! adjusted with [`merge`] (a JSON merge: objects merge key by key, anything else replaces).
+
+use anyhow::{Context, Result};
+use appset_crds::{AppSet, keys};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+/// Merges `extra` into `base`: objects key by key (recursively), anything else replaces.
+pub fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(b), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+/// The spec shared by a StatefulSet and an AppSet: `replicas` pods labelled `app: <name>`,
+/// governed by the Service `<name>`, running `image` with one 1Gi `ReadWriteOnce` claim
+/// template named `data` mounted at `/data`.
+pub fn claimed_set_spec(name: &str, replicas: i32, image: &str) -> Value {
+    json!({
+        "replicas": replicas,
+        "serviceName": name,
+        "selector": {"matchLabels": {"app": name}},
+        "template": {
+            "metadata": {"labels": {"app": name}},
+            "spec": {"containers": [{"name": "main", "image": image,
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
+        },
+        "volumeClaimTemplates": [{
+            "metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        }]
+    })
+}
+
+/// An AppSet named `name` with `spec`.
+pub fn appset_with_spec(name: &str, spec: Value) -> Result<AppSet> {
+    serde_json::from_value(json!({
+        "apiVersion": "appset.dev/v1alpha1",
+        "kind": "AppSet",
+        "metadata": {"name": name},
+        "spec": spec
+    }))
+    .with_context(|| format!("AppSet {name} manifest"))
+}
+
+/// The AppSet most tests use: [`claimed_set_spec`] with nginx and a managed Service, `extra`
+/// merged into the spec.
+pub fn appset(name: &str, replicas: i32, extra: Value) -> Result<AppSet> {
+    let mut spec = claimed_set_spec(name, replicas, "nginx:1.27");
+    merge(&mut spec, json!({"service": "Managed"}));
+    merge(&mut spec, extra);
+    appset_with_spec(name, spec)
+}
+
+/// A StatefulSet named `name` with `spec`.
+pub fn statefulset(name: &str, spec: Value) -> Result<StatefulSet> {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name},
+        "spec": spec
+    }))
+    .with_context(|| format!("StatefulSet {name} manifest"))
+}
+
+/// A pod template labelled `app: <app>` with one container `app`; the keys of `spec` are
+/// merged into the pod spec, except `container`, whose keys are merged into the container.
+pub fn pod_template(app: &str, spec: Value) -> Value {
+    let mut pod = json!({"containers": [{"name": "app", "image": "registry.invalid/app:1"}]});
+    if let (Some(p), Some(extra)) = (pod.as_object_mut(), spec.as_object()) {
+        for (k, v) in extra {
+            if k == "container" {
+                if let Some(c) = p["containers"][0].as_object_mut() {
+                    for (ck, cv) in v.as_object().into_iter().flatten() {
+                        c.insert(ck.clone(), cv.clone());
+                    }
+                }
+            } else {
+                p.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    json!({"metadata": {"labels": {"app": app}}, "spec": pod})
+}
+
+/// A one-replica Deployment with `annotations` and the [`pod_template`] of `spec`.
+pub fn deployment(name: &str, annotations: Value, spec: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": pod_template(name, spec),
+        }
+    })
+}
+
+/// The annotations that opt a workload into config rollout.
+pub fn auto() -> Value {
+    json!({ keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_AUTO })
+}
+
+/// A ConfigMap manifest.
+pub fn config_map(name: &str, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+}
+
+/// A Secret manifest (`stringData`).
+pub fn secret(name: &str, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
+}
+
+/// Creates the object `v` describes.
+pub async fn create<K>(api: &Api<K>, v: Value) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(v).context("a valid manifest")?;
+    api.create(&PostParams::default(), &obj)
+        .await
+        .with_context(|| format!("create {}", obj.name_any()))
+}
+
+/// Applies a JSON merge patch to `name`.
+pub async fn merge_patch<K>(api: &Api<K>, name: &str, patch: Value) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("patch {name}"))?;
+    Ok(())
+}
+
+/// The value of annotation `key` on `obj`.
+pub fn annotation<K: Resource>(obj: &K, key: &str) -> Option<String> {
+    obj.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key).cloned())
+}
+
+/// The config hash in a Deployment's pod template.
+pub fn template_hash(d: &Deployment) -> Option<String> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(keys::CONFIG_HASH).cloned())
+}
+
+/// Whether the pod is Running, Ready and not being deleted.
+pub fn is_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status.as_ref().is_some_and(|s| {
+            s.phase.as_deref() == Some("Running")
+                && s.conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// The pod's `controller-revision-hash` label.
+pub fn revision_of(p: &Pod) -> String {
+    p.labels()
+        .get(keys::CONTROLLER_REVISION_HASH_LABEL)
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_merges_objects_and_replaces_the_rest() {
+        let mut base = json!({"a": {"b": 1, "c": [1]}, "d": 1});
+        merge(
+            &mut base,
+            json!({"a": {"c": [2], "e": null}, "d": {"x": 1}}),
+        );
+        assert_eq!(
+            base,
+            json!({"a": {"b": 1, "c": [2], "e": null}, "d": {"x": 1}})
+        );
+    }
+
+    #[test]
+    fn an_appset_and_a_statefulset_share_the_spec() -> Result<()> {
+        let set = appset("web", 3, json!({"podManagementPolicy": "Parallel"}))?;
+        assert_eq!(set.spec.replicas, 3);
+        let sts = statefulset("web", claimed_set_spec("web", 3, "nginx:1.27"))?;
+        assert_eq!(sts.spec.replicas, Some(3));
+        assert_eq!(sts.spec.volume_claim_templates.map(|v| v.len()), Some(1));
+        Ok(())
+    }
+}
