@@ -464,7 +464,15 @@ async fn pods_of_an_appset_are_injected() -> Result<()> {
     let result = async {
         wait_injecting(&ns, &nginx_pod("probe")?).await?;
         let mut spec = claimed_set_spec("web", 2, "nginx:1.27");
-        merge(&mut spec, json!({"podManagementPolicy": "Parallel"}));
+        // The container is named for what the injection assertions look for.
+        merge(
+            &mut spec,
+            json!({
+                "podManagementPolicy": "Parallel",
+                "template": {"spec": {"containers": [{"name": "nginx", "image": "nginx:1.27",
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}}
+            }),
+        );
         let set = appset_with_spec("web", spec)?;
         ns.api::<AppSet>()
             .create(&PostParams::default(), &set)

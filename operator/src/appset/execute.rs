@@ -275,7 +275,11 @@ pub async fn claims(
             if c.template != tname || !live || !slots.contains(&c.ordinal) {
                 continue;
             }
-            let allows = class_allows_expansion(ctx, &c.claim, &mut classes).await?;
+            let allows = if storage::wants_more_storage(&c.claim, tmpl) {
+                class_allows_expansion(ctx, &c.claim, &mut classes).await?
+            } else {
+                None
+            };
             let mut change = storage::claim_change(&c.claim, tmpl, allows);
             if let ClaimChange::Expand(q) = &change
                 && let Err(refused) = expand(ctx, set, t, &c.claim, q).await

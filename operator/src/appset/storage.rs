@@ -180,6 +180,15 @@ pub fn claim_change(
     }
 }
 
+/// Whether the claim asks for less storage than its template, so that whether its class
+/// allows expansion matters (the class is read only then).
+pub fn wants_more_storage(claim: &PersistentVolumeClaim, template: &PersistentVolumeClaim) -> bool {
+    matches!(
+        compare_claim(claim, template, Some(true)),
+        ClaimChange::Expand(_)
+    )
+}
+
 /// Whether a claim's capacity already covers its template's request.
 pub fn is_resized(claim: &PersistentVolumeClaim, template: &PersistentVolumeClaim) -> bool {
     match requested_storage(template).and_then(|q| parse_quantity_millis(&q.0)) {
@@ -270,6 +279,32 @@ mod tests {
             claim_change(&pending, &tmpl, Some(false)),
             ClaimChange::Blocked(_)
         ));
+    }
+
+    #[test]
+    fn the_class_matters_only_to_a_claim_that_must_grow() {
+        let tmpl = pvc("data", "fast", "2Gi", None);
+        assert!(wants_more_storage(
+            &pvc("data-web-0", "fast", "1Gi", Some("1Gi")),
+            &tmpl
+        ));
+        assert!(wants_more_storage(
+            &pvc("data-web-0", "fast", "1Gi", None),
+            &tmpl
+        ));
+        for same_or_more in ["2Gi", "3Gi", "2048Mi"] {
+            let claim = pvc("data-web-0", "fast", same_or_more, Some(same_or_more));
+            assert!(!wants_more_storage(&claim, &tmpl), "{same_or_more}");
+            // Whatever the class says, such a claim gets the same verdict.
+            let verdict = claim_change(&claim, &tmpl, None);
+            for allows in [Some(false), Some(true)] {
+                assert_eq!(
+                    claim_change(&claim, &tmpl, allows),
+                    verdict,
+                    "{same_or_more}"
+                );
+            }
+        }
     }
 
     #[test]
