@@ -1,0 +1,321 @@
+//! Contract tests of config rollout against a fake API server ([`support::Fake`]): the
+//! requests one reconcile of a Deployment sends for a baseline, a rollout, an unchanged source
+//! and a missing one; that no Secret value is ever sent back to the API server; and that the
+//! ConfigMap and Secret watches ask for metadata only.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use appset_crds::keys;
+use appset_operator::config::controller::{self, Context, Settings};
+use appset_operator::config::metrics::Metrics;
+use appset_operator::config::rollout::Policy;
+use appset_operator::confighash::keyring::Keyring;
+use appset_operator::kubeapi::Scope;
+use appset_process::readiness::Readiness;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+use support::{Fake, Running};
+
+const CONFIG_MAPS: &str = "/api/v1/namespaces/ns/configmaps";
+const SECRETS: &str = "/api/v1/namespaces/ns/secrets";
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/ns/deployments";
+/// The Secret's value; no request may carry it, in any encoding.
+const PASSWORD: &str = "s3cr3t-value-never-sent";
+
+fn deployment() -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "ns", "uid": "web-uid", "resourceVersion": "5",
+                     "generation": 1,
+                     "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_AUTO}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "app", "image": "app:1",
+                    "envFrom": [{"configMapRef": {"name": "cfg"}}],
+                    "env": [{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]
+                }]}
+            }
+        }
+    })
+}
+
+fn config_map(value: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": "cfg", "namespace": "ns", "resourceVersion": "7"},
+           "data": {"greeting": value}})
+}
+
+fn secret() -> Value {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": "db", "namespace": "ns", "resourceVersion": "8"},
+           "data": {"password": encoded}})
+}
+
+struct World {
+    fake: Fake,
+    ctx: Arc<Context>,
+    running: Running,
+}
+
+impl World {
+    fn new() -> Self {
+        let fake = Fake::new();
+        fake.put(DEPLOYMENTS, deployment());
+        fake.put(CONFIG_MAPS, config_map("hello"));
+        fake.put(SECRETS, secret());
+        let running = fake.start();
+        let settings = Settings {
+            scope: Scope::namespace("ns"),
+            policy: Policy {
+                window: Duration::ZERO,
+                min_interval: Duration::ZERO,
+            },
+            ..Settings::default()
+        };
+        let recorder = Recorder::new(
+            running.client.clone(),
+            Reporter {
+                controller: "appset-config-rollout".into(),
+                instance: None,
+            },
+        );
+        let keyring = Arc::new(Keyring::generate().expect("a key"));
+        let ctx = Arc::new(Context::new(
+            running.client.clone(),
+            settings,
+            keyring,
+            recorder,
+            Metrics::default(),
+        ));
+        Self { fake, ctx, running }
+    }
+
+    async fn reconcile(&self) -> Result<(), controller::Error> {
+        self.fake.clear();
+        let d: Deployment = serde_json::from_value(
+            self.fake
+                .get(DEPLOYMENTS, "web")
+                .expect("the Deployment is stored"),
+        )
+        .expect("a valid Deployment");
+        controller::reconcile(Arc::new(d), self.ctx.clone())
+            .await
+            .map(|_| ())
+    }
+
+    fn annotation(&self, path: &[&str]) -> Option<String> {
+        let mut v = self.fake.get(DEPLOYMENTS, "web")?;
+        for p in path {
+            v = v.get(*p)?.clone();
+        }
+        v.as_str().map(String::from)
+    }
+
+    fn observed(&self) -> Option<String> {
+        self.annotation(&["metadata", "annotations", keys::CONFIG_HASH_OBSERVED])
+    }
+
+    fn template_hash(&self) -> Option<String> {
+        self.annotation(&[
+            "spec",
+            "template",
+            "metadata",
+            "annotations",
+            keys::CONFIG_HASH,
+        ])
+    }
+
+    /// Fails when any request so far carried the Secret's value, plain or base64.
+    fn assert_no_secret_value_sent(&self) {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
+        for r in self.fake.requests() {
+            let body = r.body.to_string();
+            assert!(
+                !body.contains(PASSWORD) && !body.contains(&encoded),
+                "{} {} carries the Secret's value: {body}",
+                r.method,
+                r.path
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_first_reconcile_records_a_baseline_with_one_apply_and_no_rollout() {
+    let w = World::new();
+    w.reconcile().await.expect("the baseline");
+    assert_eq!(
+        w.fake.lines(),
+        vec![
+            format!("GET {CONFIG_MAPS}/cfg"),
+            format!("GET {SECRETS}/db"),
+            format!("PATCH {DEPLOYMENTS}/web"),
+        ]
+    );
+    let apply = w
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PATCH")
+        .expect("the apply");
+    assert!(apply.content_type.contains("apply-patch"));
+    assert!(apply.query.contains("fieldManager=appset.dev%2Foperator"));
+    assert!(
+        apply.body.get("spec").is_none(),
+        "a baseline leaves the pod template alone: {}",
+        apply.body
+    );
+    assert!(w.observed().is_some(), "the baseline is recorded");
+    assert_eq!(w.template_hash(), None);
+    assert!(w.fake.events().is_empty());
+    w.assert_no_secret_value_sent();
+}
+
+#[tokio::test]
+async fn unchanged_sources_are_only_read() {
+    let w = World::new();
+    w.reconcile().await.expect("the baseline");
+    w.reconcile().await.expect("again");
+    assert_eq!(
+        w.fake.lines(),
+        vec![
+            format!("GET {CONFIG_MAPS}/cfg"),
+            format!("GET {SECRETS}/db")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_changed_source_rolls_with_one_apply_of_the_template_hash_and_an_event() {
+    let w = World::new();
+    w.reconcile().await.expect("the baseline");
+    let baseline = w.observed();
+    w.fake.put(CONFIG_MAPS, config_map("bonjour"));
+    w.reconcile().await.expect("the rollout");
+    assert_eq!(
+        w.fake.lines(),
+        vec![
+            format!("GET {CONFIG_MAPS}/cfg"),
+            format!("GET {SECRETS}/db"),
+            format!("PATCH {DEPLOYMENTS}/web"),
+        ]
+    );
+    let hash = w
+        .template_hash()
+        .expect("the template carries the new hash");
+    assert_eq!(w.observed().as_deref(), Some(hash.as_str()));
+    assert_ne!(w.observed(), baseline);
+    assert_eq!(w.fake.events(), ["ConfigChanged"]);
+    w.assert_no_secret_value_sent();
+
+    // A second reconcile of the rolled Deployment keeps the hash and writes nothing.
+    w.reconcile().await.expect("after the rollout");
+    assert_eq!(
+        w.fake.lines(),
+        vec![
+            format!("GET {CONFIG_MAPS}/cfg"),
+            format!("GET {SECRETS}/db")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_missing_required_source_gives_a_warning_and_no_write() {
+    let w = World::new();
+    w.reconcile().await.expect("the baseline");
+    w.fake.fail(404, |r| {
+        r.method == "GET" && r.path.ends_with("/configmaps/cfg")
+    });
+    w.reconcile()
+        .await
+        .expect("a missing source is reported, not failed on");
+    assert_eq!(
+        w.fake.lines(),
+        vec![
+            format!("GET {CONFIG_MAPS}/cfg"),
+            format!("GET {SECRETS}/db")
+        ]
+    );
+    assert_eq!(w.fake.events(), ["MissingConfigSource"]);
+    let note = w
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.contains("/events"))
+        .map(|r| r.body["note"].to_string())
+        .unwrap_or_default();
+    assert!(
+        note.contains("ConfigMap cfg") || note.contains("cfg"),
+        "{note}"
+    );
+}
+
+#[tokio::test]
+async fn config_map_and_secret_watches_ask_for_metadata_only() {
+    let w = World::new();
+    let readiness = Readiness::new();
+    let ready = readiness.handle("config rollout");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let keyring = Arc::new(Keyring::generate().expect("a key"));
+    let settings = Settings {
+        scope: Scope::namespace("ns"),
+        ..Settings::default()
+    };
+    let task = tokio::spawn(appset_operator::config::watch::run(
+        w.running.client.clone(),
+        settings,
+        keyring,
+        Metrics::default(),
+        ready,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let listed = |path: &'static str| {
+        let fake = w.fake.clone();
+        move || {
+            fake.requests()
+                .into_iter()
+                .any(|r| r.method == "GET" && r.path == path)
+        }
+    };
+    let (secrets_listed, maps_listed) = (listed(SECRETS), listed(CONFIG_MAPS));
+    for _ in 0..200 {
+        if secrets_listed() && maps_listed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    let lists: Vec<_> = w
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && (r.path == SECRETS || r.path == CONFIG_MAPS))
+        .collect();
+    assert!(
+        lists.iter().any(|r| r.path == SECRETS) && lists.iter().any(|r| r.path == CONFIG_MAPS),
+        "both kinds are listed: {:#?}",
+        w.fake.lines()
+    );
+    for r in &lists {
+        assert!(
+            r.accept.contains("as=PartialObjectMetadata"),
+            "{} {}?{} asks for whole objects (Accept: {:?})",
+            r.method,
+            r.path,
+            r.query,
+            r.accept
+        );
+    }
+}
