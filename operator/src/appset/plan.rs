@@ -395,246 +395,318 @@ pub fn desired_claim_owners(
 
 /// Decides what to do next. See the module documentation for the rules.
 pub fn plan(input: &PlanInput) -> Plan {
-    let mut out = Plan::default();
-    let monotonic = input.policy == PodManagementPolicy::OrderedReady;
-    let start = input.start_ordinal;
-    let end = start.saturating_add(input.replicas.max(0));
-    let in_range = |o: i32| o >= start && o < end;
-    let min_ready = input.min_ready_seconds;
-    let now = input.now;
+    let mut p = Planner::new(input);
+    p.replace_finished();
+    p.replace_broken_old_revision();
+    let blocked = p.walk_slots();
+    p.own_claims();
+    let condemned = p.scale_down(blocked);
+    if !(p.monotonic && (blocked || condemned)) {
+        p.roll();
+    }
+    p.out
+}
 
-    let pods: BTreeMap<i32, &PodInfo> = input.pods.iter().map(|p| (p.ordinal, p)).collect();
-    let claims: BTreeMap<(&str, i32), &ClaimInfo> = input
-        .claims
-        .iter()
-        .map(|c| ((c.template.as_str(), c.ordinal), c))
-        .collect();
-    // Pods deleted by this plan count as terminating from here on.
-    let mut deleted: BTreeSet<i32> = BTreeSet::new();
-    let gone = |p: &PodInfo, deleted: &BTreeSet<i32>| p.terminating || deleted.contains(&p.ordinal);
-    let is_update_target = |o: i32| {
-        input.strategy == UpdateStrategyType::RollingUpdate && o - start >= input.partition
-    };
+/// How the slot walk goes on after one slot.
+enum Flow {
+    Next,
+    Stop,
+}
 
-    // 1. Finished pods in a replica slot are deleted and recreated later.
-    for p in pods.values() {
-        if in_range(p.ordinal) && !p.terminating && p.is_finished() {
-            out.delete_pods.push(PodDeletion {
-                name: p.name.clone(),
-                uid: p.uid.clone(),
-                reason: DeleteReason::Finished,
-            });
-            deleted.insert(p.ordinal);
+/// The views of one [`plan`] call and the plan being built.
+struct Planner<'a> {
+    input: &'a PlanInput,
+    monotonic: bool,
+    start: i32,
+    end: i32,
+    pods: BTreeMap<i32, &'a PodInfo>,
+    claims: BTreeMap<(&'a str, i32), &'a ClaimInfo>,
+    /// Pods deleted by this plan count as terminating from here on.
+    deleted: BTreeSet<i32>,
+    out: Plan,
+}
+
+impl<'a> Planner<'a> {
+    fn new(input: &'a PlanInput) -> Self {
+        let start = input.start_ordinal;
+        Self {
+            input,
+            monotonic: input.policy == PodManagementPolicy::OrderedReady,
+            start,
+            end: start.saturating_add(input.replicas.max(0)),
+            pods: input.pods.iter().map(|p| (p.ordinal, p)).collect(),
+            claims: input
+                .claims
+                .iter()
+                .map(|c| ((c.template.as_str(), c.ordinal), c))
+                .collect(),
+            deleted: BTreeSet::new(),
+            out: Plan::default(),
         }
     }
 
-    // 2. Broken pods of an old revision that the update will replace anyway (kubernetes#67250).
-    for p in pods.values() {
-        if in_range(p.ordinal)
-            && !gone(p, &deleted)
-            && is_update_target(p.ordinal)
-            && p.revision.as_deref() != Some(input.update_revision.as_str())
-            && !p.ready
-        {
-            out.delete_pods.push(PodDeletion {
-                name: p.name.clone(),
-                uid: p.uid.clone(),
-                reason: DeleteReason::BrokenOldRevision,
-            });
-            deleted.insert(p.ordinal);
+    fn in_range(&self, o: i32) -> bool {
+        o >= self.start && o < self.end
+    }
+
+    fn gone(&self, p: &PodInfo) -> bool {
+        p.terminating || self.deleted.contains(&p.ordinal)
+    }
+
+    fn is_update_target(&self, o: i32) -> bool {
+        self.input.strategy == UpdateStrategyType::RollingUpdate
+            && o - self.start >= self.input.partition
+    }
+
+    fn available(&self, p: &PodInfo) -> bool {
+        p.is_available(self.input.min_ready_seconds, self.input.now)
+    }
+
+    fn delete(&mut self, p: &PodInfo, reason: DeleteReason) {
+        self.out.delete_pods.push(PodDeletion {
+            name: p.name.clone(),
+            uid: p.uid.clone(),
+            reason,
+        });
+        self.deleted.insert(p.ordinal);
+    }
+
+    /// Step 1: finished pods in a replica slot are deleted and recreated later.
+    fn replace_finished(&mut self) {
+        let finished: Vec<&PodInfo> = self
+            .pods
+            .values()
+            .copied()
+            .filter(|p| self.in_range(p.ordinal) && !p.terminating && p.is_finished())
+            .collect();
+        for p in finished {
+            self.delete(p, DeleteReason::Finished);
         }
     }
 
-    // 3. Walk the replica slots in order: claims, then pods.
-    let mut blocked = false;
-    for ordinal in start..end {
-        let name = pod_name(&input.set_name, ordinal);
-        match pods.get(&ordinal) {
-            None => {
-                let mut claim_blocked = None;
-                for template in &input.claim_templates {
-                    match claims.get(&(template.as_str(), ordinal)) {
-                        Some(c) if c.terminating => {
-                            claim_blocked = Some(c.name.clone());
-                        }
-                        Some(_) => {}
-                        None => out.create_claims.push(ClaimCreation {
-                            template: template.clone(),
-                            ordinal,
-                            name: claim_name(template, &input.set_name, ordinal),
-                            owners: desired_claim_owners(&input.retention, false, None),
-                        }),
-                    }
-                }
-                if let Some(claim) = claim_blocked {
-                    out.waiting.get_or_insert(Wait::ClaimTerminating(claim));
-                    if monotonic {
-                        blocked = true;
-                        break;
-                    }
-                    continue;
-                }
-                let revision = if input.strategy == UpdateStrategyType::RollingUpdate
-                    && ordinal - start < input.partition
-                {
-                    input.current_revision.clone()
-                } else {
-                    input.update_revision.clone()
-                };
-                out.create_pods.push(PodCreation {
-                    ordinal,
-                    name: name.clone(),
-                    revision,
-                });
-                if monotonic {
-                    out.waiting.get_or_insert(Wait::PodNotReady(name));
-                    blocked = true;
-                    break;
-                }
-            }
-            Some(p) if gone(p, &deleted) => {
-                out.waiting
-                    .get_or_insert(Wait::PodTerminating(p.name.clone()));
-                if monotonic {
-                    blocked = true;
-                    break;
-                }
-            }
-            Some(p) => {
-                // A claim deleted under a live pod is recreated, unless it is still terminating
-                // (the pod keeps it alive through the protection finalizer).
-                for template in &input.claim_templates {
-                    if !claims.contains_key(&(template.as_str(), ordinal)) {
-                        out.create_claims.push(ClaimCreation {
-                            template: template.clone(),
-                            ordinal,
-                            name: claim_name(template, &input.set_name, ordinal),
-                            owners: desired_claim_owners(&input.retention, false, Some(&p.uid)),
-                        });
-                    }
-                }
-                if !p.is_available(min_ready, now) {
-                    if p.is_healthy()
-                        && let Some(since) = p.ready_since
-                    {
-                        let left = (since + min_ready - now).max(1);
-                        out.requeue_after = Some(out.requeue_after.map_or(left, |r| r.min(left)));
-                    }
-                    if monotonic {
-                        out.waiting.get_or_insert(Wait::PodNotReady(p.name.clone()));
-                        blocked = true;
-                        break;
-                    }
-                }
-            }
+    /// Step 2: broken pods of an old revision that the update will replace anyway
+    /// (kubernetes#67250).
+    fn replace_broken_old_revision(&mut self) {
+        let update = self.input.update_revision.as_str();
+        let broken: Vec<&PodInfo> = self
+            .pods
+            .values()
+            .copied()
+            .filter(|p| {
+                self.in_range(p.ordinal)
+                    && !self.gone(p)
+                    && self.is_update_target(p.ordinal)
+                    && p.revision.as_deref() != Some(update)
+                    && !p.ready
+            })
+            .collect();
+        for p in broken {
+            self.delete(p, DeleteReason::BrokenOldRevision);
         }
     }
 
-    // 4. Claim ownership for every live pod, following the retention policy.
-    for p in pods.values() {
-        if p.terminating {
-            continue;
+    /// Step 3: walk the replica slots in order, claims then pods. Returns whether an
+    /// OrderedReady walk stopped at a slot that is not ready yet.
+    fn walk_slots(&mut self) -> bool {
+        for ordinal in self.start..self.end {
+            let flow = match self.pods.get(&ordinal).copied() {
+                None => self.fill_slot(ordinal),
+                Some(p) if self.gone(p) => {
+                    self.out
+                        .waiting
+                        .get_or_insert(Wait::PodTerminating(p.name.clone()));
+                    self.stop_if_ordered()
+                }
+                Some(p) => self.check_live_slot(p),
+            };
+            if let Flow::Stop = flow {
+                return true;
+            }
         }
-        let condemned = !in_range(p.ordinal);
-        let desired = desired_claim_owners(&input.retention, condemned, Some(&p.uid));
+        false
+    }
+
+    fn stop_if_ordered(&self) -> Flow {
+        if self.monotonic {
+            Flow::Stop
+        } else {
+            Flow::Next
+        }
+    }
+
+    /// An empty slot: its missing claims, then its pod (at the current revision below the
+    /// partition), unless one of its claims is still terminating.
+    fn fill_slot(&mut self, ordinal: i32) -> Flow {
+        let input = self.input;
+        let mut claim_blocked = None;
         for template in &input.claim_templates {
-            if let Some(c) = claims.get(&(template.as_str(), p.ordinal))
-                && !c.terminating
-                && c.owners != desired
-            {
-                out.claim_owner_updates.push(ClaimOwnerUpdate {
-                    claim: c.name.clone(),
-                    pod_name: p.name.clone(),
-                    owners: desired.clone(),
+            match self.claims.get(&(template.as_str(), ordinal)) {
+                Some(c) if c.terminating => claim_blocked = Some(c.name.clone()),
+                Some(_) => {}
+                None => self.out.create_claims.push(ClaimCreation {
+                    template: template.clone(),
+                    ordinal,
+                    name: claim_name(template, &input.set_name, ordinal),
+                    owners: desired_claim_owners(&input.retention, false, None),
+                }),
+            }
+        }
+        if let Some(claim) = claim_blocked {
+            self.out
+                .waiting
+                .get_or_insert(Wait::ClaimTerminating(claim));
+            return self.stop_if_ordered();
+        }
+        let revision = if input.strategy == UpdateStrategyType::RollingUpdate
+            && ordinal - self.start < input.partition
+        {
+            input.current_revision.clone()
+        } else {
+            input.update_revision.clone()
+        };
+        let name = pod_name(&input.set_name, ordinal);
+        self.out.create_pods.push(PodCreation {
+            ordinal,
+            name: name.clone(),
+            revision,
+        });
+        if self.monotonic {
+            self.out.waiting.get_or_insert(Wait::PodNotReady(name));
+            return Flow::Stop;
+        }
+        Flow::Next
+    }
+
+    /// A slot with a live pod: claims deleted under it are recreated (unless still
+    /// terminating: the pod keeps them alive through the protection finalizer), and an
+    /// OrderedReady walk stops at a pod that is not available yet.
+    fn check_live_slot(&mut self, p: &PodInfo) -> Flow {
+        let input = self.input;
+        for template in &input.claim_templates {
+            if !self.claims.contains_key(&(template.as_str(), p.ordinal)) {
+                self.out.create_claims.push(ClaimCreation {
+                    template: template.clone(),
+                    ordinal: p.ordinal,
+                    name: claim_name(template, &input.set_name, p.ordinal),
+                    owners: desired_claim_owners(&input.retention, false, Some(&p.uid)),
                 });
             }
         }
+        if self.available(p) {
+            return Flow::Next;
+        }
+        if p.is_healthy()
+            && let Some(since) = p.ready_since
+        {
+            let left = (since + input.min_ready_seconds - input.now).max(1);
+            self.out.requeue_after = Some(self.out.requeue_after.map_or(left, |r| r.min(left)));
+        }
+        if self.monotonic {
+            self.out
+                .waiting
+                .get_or_insert(Wait::PodNotReady(p.name.clone()));
+            return Flow::Stop;
+        }
+        Flow::Next
     }
 
-    // 5. Scale down, highest ordinal first.
-    let condemned: Vec<&PodInfo> = pods
-        .values()
-        .rev()
-        .filter(|p| !in_range(p.ordinal))
-        .copied()
-        .collect();
-    if monotonic {
-        if !blocked && let Some(target) = condemned.first() {
-            if target.terminating {
-                out.waiting
-                    .get_or_insert(Wait::PodTerminating(target.name.clone()));
-            } else {
-                // StatefulSet deletes an unhealthy condemned pod only when no lower pod is
-                // unhealthy too; a healthy one goes right away.
-                let lower_unhealthy = condemned[1..]
-                    .iter()
-                    .find(|p| !p.is_available(min_ready, now));
-                match lower_unhealthy {
-                    Some(p) if !target.is_available(min_ready, now) => {
-                        out.waiting.get_or_insert(Wait::PodNotReady(p.name.clone()));
-                    }
-                    _ => {
-                        out.delete_pods.push(PodDeletion {
-                            name: target.name.clone(),
-                            uid: target.uid.clone(),
-                            reason: DeleteReason::ScaleDown,
-                        });
-                        deleted.insert(target.ordinal);
-                    }
+    /// Step 4: claim ownership for every live pod, following the retention policy.
+    fn own_claims(&mut self) {
+        let input = self.input;
+        for p in self.pods.values() {
+            if p.terminating {
+                continue;
+            }
+            let condemned = !self.in_range(p.ordinal);
+            let desired = desired_claim_owners(&input.retention, condemned, Some(&p.uid));
+            for template in &input.claim_templates {
+                if let Some(c) = self.claims.get(&(template.as_str(), p.ordinal))
+                    && !c.terminating
+                    && c.owners != desired
+                {
+                    self.out.claim_owner_updates.push(ClaimOwnerUpdate {
+                        claim: c.name.clone(),
+                        pod_name: p.name.clone(),
+                        owners: desired.clone(),
+                    });
                 }
             }
         }
-    } else {
-        for p in &condemned {
-            if !p.terminating {
-                out.delete_pods.push(PodDeletion {
-                    name: p.name.clone(),
-                    uid: p.uid.clone(),
-                    reason: DeleteReason::ScaleDown,
-                });
-                deleted.insert(p.ordinal);
-            }
-        }
     }
 
-    // 6. Rolling update, highest ordinal first, within the maxUnavailable budget.
-    let ordered_wait = monotonic && (blocked || !condemned.is_empty());
-    if input.strategy == UpdateStrategyType::RollingUpdate && !ordered_wait {
-        let unavailable = (start..end)
-            .filter(|o| match pods.get(o) {
+    /// Step 5: scale down, highest ordinal first (one at a time with OrderedReady, and not
+    /// while the walk is blocked). Returns whether any pod is out of range.
+    fn scale_down(&mut self, blocked: bool) -> bool {
+        let condemned: Vec<&PodInfo> = self
+            .pods
+            .values()
+            .rev()
+            .filter(|p| !self.in_range(p.ordinal))
+            .copied()
+            .collect();
+        if !self.monotonic {
+            for p in condemned.iter().filter(|p| !p.terminating) {
+                self.delete(p, DeleteReason::ScaleDown);
+            }
+            return !condemned.is_empty();
+        }
+        let Some(target) = condemned.first().copied().filter(|_| !blocked) else {
+            return !condemned.is_empty();
+        };
+        if target.terminating {
+            self.out
+                .waiting
+                .get_or_insert(Wait::PodTerminating(target.name.clone()));
+            return true;
+        }
+        // StatefulSet deletes an unhealthy condemned pod only when no lower pod is unhealthy
+        // too; a healthy one goes right away.
+        let lower_unhealthy = condemned[1..].iter().find(|p| !self.available(p));
+        match lower_unhealthy {
+            Some(p) if !self.available(target) => {
+                self.out
+                    .waiting
+                    .get_or_insert(Wait::PodNotReady(p.name.clone()));
+            }
+            _ => self.delete(target, DeleteReason::ScaleDown),
+        }
+        true
+    }
+
+    /// Step 6: rolling update, highest ordinal first, within the maxUnavailable budget.
+    fn roll(&mut self) {
+        let input = self.input;
+        if input.strategy != UpdateStrategyType::RollingUpdate {
+            return;
+        }
+        let unavailable = (self.start..self.end)
+            .filter(|o| match self.pods.get(o) {
                 None => true,
-                Some(p) => gone(p, &deleted) || !p.is_available(min_ready, now),
+                Some(p) => self.gone(p) || !self.available(p),
             })
             .count() as i32;
         let mut budget = input.max_unavailable - unavailable;
-        for ordinal in (start..end).rev() {
-            if !is_update_target(ordinal) {
+        for ordinal in (self.start..self.end).rev() {
+            if !self.is_update_target(ordinal) {
                 break;
             }
-            let Some(p) = pods.get(&ordinal) else {
+            let Some(p) = self.pods.get(&ordinal).copied() else {
                 continue;
             };
-            if gone(p, &deleted) || p.revision.as_deref() == Some(input.update_revision.as_str()) {
+            if self.gone(p) || p.revision.as_deref() == Some(input.update_revision.as_str()) {
                 continue;
             }
             if budget <= 0 {
-                out.waiting.get_or_insert(Wait::UnavailableBudget {
+                self.out.waiting.get_or_insert(Wait::UnavailableBudget {
                     unavailable: input.max_unavailable - budget,
                     max_unavailable: input.max_unavailable,
                 });
                 break;
             }
-            out.delete_pods.push(PodDeletion {
-                name: p.name.clone(),
-                uid: p.uid.clone(),
-                reason: DeleteReason::Update,
-            });
-            deleted.insert(ordinal);
+            self.delete(p, DeleteReason::Update);
             budget -= 1;
         }
     }
-
-    out
 }
 
 #[cfg(test)]

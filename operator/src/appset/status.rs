@@ -121,227 +121,29 @@ fn keep_transition(mut c: Condition, previous: Option<&Condition>) -> Condition 
 
 /// Computes the status. See the module documentation for the rules.
 pub fn compute(input: &StatusInput<'_>) -> StatusOutcome {
-    let now_s = input.now.0.as_second();
-    let live: Vec<&PodInfo> = input.pods.iter().filter(|p| !p.terminating).collect();
-    let count = |f: &dyn Fn(&PodInfo) -> bool| live.iter().filter(|p| f(p)).count() as i32;
-    let replicas = live.len() as i32;
-    let ready = count(&|p| p.is_healthy());
-    let available = count(&|p| p.is_available(input.min_ready_seconds, now_s));
-    let is_rev = |p: &PodInfo, r: &str| p.revision.as_deref() == Some(r);
-    let updated = count(&|p| is_rev(p, input.update_revision));
-    let done = updated == replicas && ready == replicas && replicas == input.replicas;
-    let current_revision = if done {
-        input.update_revision
-    } else {
-        input.current_revision
-    };
-    let current = count(&|p| is_rev(p, current_revision));
-
+    let counts = Counts::of(input);
     let previous_conditions = input
         .previous
         .map(|s| s.conditions.as_slice())
         .unwrap_or(&[]);
     let prev = |t: &str| previous_conditions.iter().find(|c| c.type_ == t);
-    let generation = input.generation;
-    let now = &input.now;
 
-    // Available.
-    let min_available = (input.replicas - input.max_unavailable).max(0);
-    let avail_msg = format!(
-        "{available} of {} pods available (at least {min_available} required)",
-        input.replicas
-    );
-    let available_condition = keep_transition(
-        if available >= min_available {
-            condition(
-                AVAILABLE,
-                true,
-                "MinimumReplicasAvailable",
-                avail_msg,
-                now,
-                generation,
-            )
-        } else {
-            condition(
-                AVAILABLE,
-                false,
-                "MinimumReplicasUnavailable",
-                avail_msg,
-                now,
-                generation,
-            )
-        },
-        prev(AVAILABLE),
-    );
-
-    // Progressing.
-    let end = input.start_ordinal.saturating_add(input.replicas.max(0));
-    let in_range = |p: &PodInfo| p.ordinal >= input.start_ordinal && p.ordinal < end;
-    let targeted = |p: &PodInfo| match input.strategy {
-        UpdateStrategyType::RollingUpdate => p.ordinal - input.start_ordinal >= input.partition,
-        UpdateStrategyType::OnDelete => true,
-    };
-    let outdated = count(&|p| in_range(p) && targeted(p) && !is_rev(p, input.update_revision));
-    let all_there = replicas == input.replicas
-        && count(&|p| in_range(p) && p.is_available(input.min_ready_seconds, now_s))
-            == input.replicas;
-    let mut stalled_now = false;
-    let mut check_deadline_after = None;
-    let progressing = if all_there && outdated == 0 {
-        keep_transition(
-            condition(
-                PROGRESSING,
-                true,
-                "RolloutComplete",
-                format!(
-                    "{replicas} pods available; revision {} rolled out",
-                    input.update_revision
-                ),
-                now,
-                generation,
-            ),
-            prev(PROGRESSING),
-        )
-    } else if all_there && input.strategy == UpdateStrategyType::OnDelete {
-        keep_transition(
-            condition(
-                PROGRESSING,
-                true,
-                "AwaitingPodDeletion",
-                format!(
-                    "{outdated} pods are not at revision {}; with OnDelete they are replaced when deleted",
-                    input.update_revision
-                ),
-                now,
-                generation,
-            ),
-            prev(PROGRESSING),
-        )
-    } else {
-        let detail = format!(
-            "{updated} of {} pods updated to revision {}, {available} available{}",
-            input.replicas,
-            input.update_revision,
-            input
-                .waiting
-                .as_deref()
-                .map(|w| format!("; {w}"))
-                .unwrap_or_default()
-        );
-        let progressed = match input.previous {
-            None => true,
-            Some(p) => {
-                (
-                    p.replicas,
-                    p.ready_replicas,
-                    p.available_replicas,
-                    p.updated_replicas,
-                ) != (replicas, ready, available, updated)
-                    || p.update_revision.as_deref() != Some(input.update_revision)
-                    || p.observed_generation != generation
-            }
-        };
-        match prev(PROGRESSING) {
-            Some(p) if !progressed && p.reason == PROGRESS_DEADLINE_EXCEEDED => Condition {
-                message: detail,
-                ..p.clone()
-            },
-            Some(p) if !progressed && p.reason == "RolloutInProgress" => {
-                let elapsed = now_s - p.last_transition_time.0.as_second();
-                if elapsed >= input.progress_deadline_seconds {
-                    stalled_now = true;
-                    condition(
-                        PROGRESSING,
-                        false,
-                        PROGRESS_DEADLINE_EXCEEDED,
-                        format!("no progress for {elapsed}s: {detail}"),
-                        now,
-                        generation,
-                    )
-                } else {
-                    check_deadline_after = Some(input.progress_deadline_seconds - elapsed);
-                    Condition {
-                        message: detail,
-                        observed_generation: generation,
-                        ..p.clone()
-                    }
-                }
-            }
-            _ => {
-                check_deadline_after = Some(input.progress_deadline_seconds);
-                condition(
-                    PROGRESSING,
-                    true,
-                    "RolloutInProgress",
-                    detail,
-                    now,
-                    generation,
-                )
-            }
-        }
-    };
-
-    let mut conditions = vec![available_condition, progressing];
-    if !input.volume_claim_templates.is_empty() {
-        let blocked: Vec<String> = input
-            .volume_claim_templates
-            .iter()
-            .filter_map(|t| t.message.as_ref().map(|m| format!("{}: {m}", t.name)))
-            .collect();
-        let resizing: Vec<String> = input
-            .volume_claim_templates
-            .iter()
-            .filter(|t| t.resized < t.claims)
-            .map(|t| {
-                format!(
-                    "{}: {} of {} claims at {}",
-                    t.name,
-                    t.resized,
-                    t.claims,
-                    t.requested_storage.as_deref().unwrap_or("?")
-                )
-            })
-            .collect();
-        let c = if !blocked.is_empty() {
-            condition(
-                VOLUME_CLAIMS_IN_SYNC,
-                false,
-                "Unsupported",
-                blocked.join("; "),
-                now,
-                generation,
-            )
-        } else if !resizing.is_empty() {
-            condition(
-                VOLUME_CLAIMS_IN_SYNC,
-                false,
-                "Resizing",
-                resizing.join("; "),
-                now,
-                generation,
-            )
-        } else {
-            condition(
-                VOLUME_CLAIMS_IN_SYNC,
-                true,
-                "InSync",
-                "every claim matches its template".into(),
-                now,
-                generation,
-            )
-        };
+    let available = keep_transition(available_condition(input, &counts), prev(AVAILABLE));
+    let progress = progressing_condition(input, &counts, prev(PROGRESSING));
+    let mut conditions = vec![available, progress.condition];
+    if let Some(c) = claims_condition(input) {
         conditions.push(keep_transition(c, prev(VOLUME_CLAIMS_IN_SYNC)));
     }
 
     StatusOutcome {
         status: AppSetStatus {
-            observed_generation: generation,
-            replicas,
-            ready_replicas: ready,
-            available_replicas: available,
-            current_replicas: current,
-            updated_replicas: updated,
-            current_revision: Some(current_revision.to_string()),
+            observed_generation: input.generation,
+            replicas: counts.replicas,
+            ready_replicas: counts.ready,
+            available_replicas: counts.available,
+            current_replicas: counts.current,
+            updated_replicas: counts.updated,
+            current_revision: Some(counts.current_revision.to_string()),
             update_revision: Some(input.update_revision.to_string()),
             collision_count: Some(input.collision_count),
             label_selector: Some(input.label_selector.clone()),
@@ -349,9 +151,251 @@ pub fn compute(input: &StatusInput<'_>) -> StatusOutcome {
             conditions,
             volume_claim_templates: input.volume_claim_templates.clone(),
         },
-        stalled_now,
-        check_deadline_after,
+        stalled_now: progress.stalled_now,
+        check_deadline_after: progress.check_deadline_after,
     }
+}
+
+/// The pod counts of the status.
+struct Counts<'a> {
+    replicas: i32,
+    ready: i32,
+    available: i32,
+    updated: i32,
+    current: i32,
+    /// The update revision once every pod is at it and ready, else the current one.
+    current_revision: &'a str,
+    /// Pods in range and targeted by the update that are not at the update revision.
+    outdated: i32,
+    /// Whether every replica slot has an available pod.
+    all_there: bool,
+}
+
+impl<'a> Counts<'a> {
+    fn of(input: &StatusInput<'a>) -> Self {
+        let now_s = input.now.0.as_second();
+        let live: Vec<&PodInfo> = input.pods.iter().filter(|p| !p.terminating).collect();
+        let count = |f: &dyn Fn(&PodInfo) -> bool| live.iter().filter(|p| f(p)).count() as i32;
+        let is_rev = |p: &PodInfo, r: &str| p.revision.as_deref() == Some(r);
+        let replicas = live.len() as i32;
+        let ready = count(&|p| p.is_healthy());
+        let available = count(&|p| p.is_available(input.min_ready_seconds, now_s));
+        let updated = count(&|p| is_rev(p, input.update_revision));
+        let done = updated == replicas && ready == replicas && replicas == input.replicas;
+        let current_revision = if done {
+            input.update_revision
+        } else {
+            input.current_revision
+        };
+        let end = input.start_ordinal.saturating_add(input.replicas.max(0));
+        let in_range = |p: &PodInfo| p.ordinal >= input.start_ordinal && p.ordinal < end;
+        let targeted = |p: &PodInfo| match input.strategy {
+            UpdateStrategyType::RollingUpdate => p.ordinal - input.start_ordinal >= input.partition,
+            UpdateStrategyType::OnDelete => true,
+        };
+        Self {
+            replicas,
+            ready,
+            available,
+            updated,
+            current: count(&|p| is_rev(p, current_revision)),
+            current_revision,
+            outdated: count(&|p| in_range(p) && targeted(p) && !is_rev(p, input.update_revision)),
+            all_there: replicas == input.replicas
+                && count(&|p| in_range(p) && p.is_available(input.min_ready_seconds, now_s))
+                    == input.replicas,
+        }
+    }
+}
+
+/// `Available`: at least `replicas - maxUnavailable` pods available.
+fn available_condition(input: &StatusInput<'_>, counts: &Counts<'_>) -> Condition {
+    let min_available = (input.replicas - input.max_unavailable).max(0);
+    let message = format!(
+        "{} of {} pods available (at least {min_available} required)",
+        counts.available, input.replicas
+    );
+    let (ok, reason) = if counts.available >= min_available {
+        (true, "MinimumReplicasAvailable")
+    } else {
+        (false, "MinimumReplicasUnavailable")
+    };
+    condition(AVAILABLE, ok, reason, message, &input.now, input.generation)
+}
+
+/// The `Progressing` condition and what it implies for the caller.
+struct Progress {
+    condition: Condition,
+    /// The progress deadline passed in this computation (an Event is due).
+    stalled_now: bool,
+    /// Seconds until the deadline must be checked again.
+    check_deadline_after: Option<i64>,
+}
+
+/// `Progressing`: complete, waiting for OnDelete deletions, in progress (with its deadline),
+/// or stalled past `progressDeadlineSeconds`.
+fn progressing_condition(
+    input: &StatusInput<'_>,
+    counts: &Counts<'_>,
+    prev: Option<&Condition>,
+) -> Progress {
+    let (now, generation) = (&input.now, input.generation);
+    let done = |condition| Progress {
+        condition,
+        stalled_now: false,
+        check_deadline_after: None,
+    };
+    if counts.all_there && counts.outdated == 0 {
+        let message = format!(
+            "{} pods available; revision {} rolled out",
+            counts.replicas, input.update_revision
+        );
+        let c = condition(
+            PROGRESSING,
+            true,
+            "RolloutComplete",
+            message,
+            now,
+            generation,
+        );
+        return done(keep_transition(c, prev));
+    }
+    if counts.all_there && input.strategy == UpdateStrategyType::OnDelete {
+        let message = format!(
+            "{} pods are not at revision {}; with OnDelete they are replaced when deleted",
+            counts.outdated, input.update_revision
+        );
+        let c = condition(
+            PROGRESSING,
+            true,
+            "AwaitingPodDeletion",
+            message,
+            now,
+            generation,
+        );
+        return done(keep_transition(c, prev));
+    }
+    let detail = format!(
+        "{} of {} pods updated to revision {}, {} available{}",
+        counts.updated,
+        input.replicas,
+        input.update_revision,
+        counts.available,
+        input
+            .waiting
+            .as_deref()
+            .map(|w| format!("; {w}"))
+            .unwrap_or_default()
+    );
+    let progressed = match input.previous {
+        None => true,
+        Some(p) => {
+            (
+                p.replicas,
+                p.ready_replicas,
+                p.available_replicas,
+                p.updated_replicas,
+            ) != (
+                counts.replicas,
+                counts.ready,
+                counts.available,
+                counts.updated,
+            ) || p.update_revision.as_deref() != Some(input.update_revision)
+                || p.observed_generation != generation
+        }
+    };
+    match prev {
+        Some(p) if !progressed && p.reason == PROGRESS_DEADLINE_EXCEEDED => done(Condition {
+            message: detail,
+            ..p.clone()
+        }),
+        Some(p) if !progressed && p.reason == "RolloutInProgress" => {
+            let elapsed = now.0.as_second() - p.last_transition_time.0.as_second();
+            if elapsed >= input.progress_deadline_seconds {
+                let message = format!("no progress for {elapsed}s: {detail}");
+                Progress {
+                    condition: condition(
+                        PROGRESSING,
+                        false,
+                        PROGRESS_DEADLINE_EXCEEDED,
+                        message,
+                        now,
+                        generation,
+                    ),
+                    stalled_now: true,
+                    check_deadline_after: None,
+                }
+            } else {
+                Progress {
+                    condition: Condition {
+                        message: detail,
+                        observed_generation: generation,
+                        ..p.clone()
+                    },
+                    stalled_now: false,
+                    check_deadline_after: Some(input.progress_deadline_seconds - elapsed),
+                }
+            }
+        }
+        _ => Progress {
+            condition: condition(
+                PROGRESSING,
+                true,
+                "RolloutInProgress",
+                detail,
+                now,
+                generation,
+            ),
+            stalled_now: false,
+            check_deadline_after: Some(input.progress_deadline_seconds),
+        },
+    }
+}
+
+/// `VolumeClaimsInSync`, when the AppSet has claim templates: a template that cannot be
+/// applied, claims still resizing, or in sync.
+fn claims_condition(input: &StatusInput<'_>) -> Option<Condition> {
+    if input.volume_claim_templates.is_empty() {
+        return None;
+    }
+    let blocked: Vec<String> = input
+        .volume_claim_templates
+        .iter()
+        .filter_map(|t| t.message.as_ref().map(|m| format!("{}: {m}", t.name)))
+        .collect();
+    let resizing: Vec<String> = input
+        .volume_claim_templates
+        .iter()
+        .filter(|t| t.resized < t.claims)
+        .map(|t| {
+            format!(
+                "{}: {} of {} claims at {}",
+                t.name,
+                t.resized,
+                t.claims,
+                t.requested_storage.as_deref().unwrap_or("?")
+            )
+        })
+        .collect();
+    let (ok, reason, message) = if !blocked.is_empty() {
+        (false, "Unsupported", blocked.join("; "))
+    } else if !resizing.is_empty() {
+        (false, "Resizing", resizing.join("; "))
+    } else {
+        (
+            true,
+            "InSync",
+            "every claim matches its template".to_string(),
+        )
+    };
+    Some(condition(
+        VOLUME_CLAIMS_IN_SYNC,
+        ok,
+        reason,
+        message,
+        &input.now,
+        input.generation,
+    ))
 }
 
 #[cfg(test)]
