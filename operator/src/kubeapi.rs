@@ -3,6 +3,7 @@
 //! field manager, status-code checks, bounded concurrency, ownership checks, readiness on a
 //! watch's first sync, and Event publishing that never fails a reconcile.
 
+use std::fmt::Debug;
 use std::future::Future;
 
 use appset_crds::keys;
@@ -13,7 +14,32 @@ use kube::api::{ObjectMeta, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
 use tracing::warn;
+
+/// A namespaced Kubernetes type a controller can list and watch: what `watcher` and the
+/// reflector stores ask of a type, in one name.
+pub trait Namespaced:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Namespaced for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 /// The namespaces a controller works in.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

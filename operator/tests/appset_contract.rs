@@ -83,6 +83,16 @@ impl World {
         }
     }
 
+    /// The default AppSet created, its pods Ready and claims Bound, and the status written
+    /// for that: the state a rollout or an expansion starts from.
+    async fn settled() -> Self {
+        let w = Self::new(json!({}));
+        w.reconcile().await.expect("create");
+        w.settle();
+        w.reconcile().await.expect("settle the status");
+        w
+    }
+
     /// The AppSet as the fake holds it (with the status the last reconcile wrote).
     fn set(&self) -> AppSet {
         serde_json::from_value(self.fake.get(SETS, "web").expect("the AppSet is stored"))
@@ -245,10 +255,7 @@ async fn a_settled_set_reads_only_and_does_not_rewrite_an_unchanged_status() {
 
 #[tokio::test]
 async fn a_rolling_update_step_deletes_the_highest_old_pod_guarded_by_its_uid() {
-    let w = World::new(json!({}));
-    w.reconcile().await.expect("create");
-    w.settle();
-    w.reconcile().await.expect("settle the status");
+    let w = World::settled().await;
     let old = revision_of(&w.fake, "web-1");
     w.edit(
         json!({"template": {"spec": {"containers": [{"name": "main", "image": "nginx:1.28",
@@ -281,10 +288,7 @@ async fn a_guarded_delete_that_finds_the_pod_gone_or_replaced_is_not_an_error() 
     // 404: the pod went away between the list and the delete; 409: it was deleted and
     // recreated under the same name with another uid, so the precondition failed.
     for status in [404, 409] {
-        let w = World::new(json!({}));
-        w.reconcile().await.expect("create");
-        w.settle();
-        w.reconcile().await.expect("settle the status");
+        let w = World::settled().await;
         w.edit(json!({"template": {"metadata": {"labels": {"app": "web", "tier": "b"}}}}));
         w.fake.fail(status, |r| {
             r.method == "DELETE" && r.path.ends_with("/pods/web-1")
@@ -318,10 +322,7 @@ async fn a_pod_name_taken_by_another_owner_gets_an_event_not_an_error() {
 
 #[tokio::test]
 async fn raising_a_claim_template_expands_bound_claims_with_a_resource_version_precondition() {
-    let w = World::new(json!({}));
-    w.reconcile().await.expect("create");
-    w.settle();
-    w.reconcile().await.expect("settle the status");
+    let w = World::settled().await;
     w.edit(
         json!({"volumeClaimTemplates": [{"metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
@@ -355,10 +356,7 @@ async fn raising_a_claim_template_expands_bound_claims_with_a_resource_version_p
 
 #[tokio::test]
 async fn a_claim_changed_since_it_was_read_is_not_expanded_blindly() {
-    let w = World::new(json!({}));
-    w.reconcile().await.expect("create");
-    w.settle();
-    w.reconcile().await.expect("settle the status");
+    let w = World::settled().await;
     w.edit(
         json!({"volumeClaimTemplates": [{"metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",

@@ -133,6 +133,17 @@ impl World {
         ])
     }
 
+    /// Fails unless the last reconcile only read the two sources.
+    fn assert_only_read(&self) {
+        assert_eq!(
+            self.fake.lines(),
+            vec![
+                format!("GET {CONFIG_MAPS}/cfg"),
+                format!("GET {SECRETS}/db")
+            ]
+        );
+    }
+
     /// Fails when any request so far carried the Secret's value, plain or base64.
     fn assert_no_secret_value_sent(&self) {
         use base64::Engine;
@@ -185,13 +196,7 @@ async fn unchanged_sources_are_only_read() {
     let w = World::new();
     w.reconcile().await.expect("the baseline");
     w.reconcile().await.expect("again");
-    assert_eq!(
-        w.fake.lines(),
-        vec![
-            format!("GET {CONFIG_MAPS}/cfg"),
-            format!("GET {SECRETS}/db")
-        ]
-    );
+    w.assert_only_read();
 }
 
 #[tokio::test]
@@ -219,13 +224,7 @@ async fn a_changed_source_rolls_with_one_apply_of_the_template_hash_and_an_event
 
     // A second reconcile of the rolled Deployment keeps the hash and writes nothing.
     w.reconcile().await.expect("after the rollout");
-    assert_eq!(
-        w.fake.lines(),
-        vec![
-            format!("GET {CONFIG_MAPS}/cfg"),
-            format!("GET {SECRETS}/db")
-        ]
-    );
+    w.assert_only_read();
 }
 
 #[tokio::test]
@@ -238,13 +237,7 @@ async fn a_missing_required_source_gives_a_warning_and_no_write() {
     w.reconcile()
         .await
         .expect("a missing source is reported, not failed on");
-    assert_eq!(
-        w.fake.lines(),
-        vec![
-            format!("GET {CONFIG_MAPS}/cfg"),
-            format!("GET {SECRETS}/db")
-        ]
-    );
+    w.assert_only_read();
     assert_eq!(w.fake.events(), ["MissingConfigSource"]);
     let note = w
         .fake

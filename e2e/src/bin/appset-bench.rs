@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use appset_crds::AppSet;
 use appset_e2e::TestNamespace;
-use appset_e2e::fixtures::{claimed_set_spec, merge};
+use appset_e2e::fixtures::{claimed_set_spec, is_ready, merge};
 use appset_e2e::runners::AppSetController;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
@@ -45,16 +45,7 @@ async fn wait_all_ready(ns: &TestNamespace, n: usize, deadline: Duration) -> Res
             .await?
             .items
             .iter()
-            .filter(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && p.status.as_ref().is_some_and(|s| {
-                        s.phase.as_deref() == Some("Running")
-                            && s.conditions
-                                .iter()
-                                .flatten()
-                                .any(|c| c.type_ == "Ready" && c.status == "True")
-                    })
-            })
+            .filter(|p| is_ready(p))
             .count();
         let bound = claims
             .list(&ListParams::default())

@@ -21,17 +21,15 @@ use appset_process::readiness::ReadyHandle;
 use std::fmt::Debug;
 
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use kube::Client;
+use kube::ResourceExt;
 use kube::api::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
 
 use appset_crds::{AppSet, keys};
@@ -39,7 +37,7 @@ use appset_crds::{AppSet, keys};
 use crate::confighash::discovery;
 use crate::confighash::fetch;
 use crate::confighash::keyring::Keyring;
-use crate::kubeapi::{self, Scope, api_in, release_on_sync};
+use crate::kubeapi::{self, Namespaced, Scope, api_in, release_on_sync};
 
 /// The name the controller reports Events under.
 pub const CONTROLLER_NAME: &str = "appset-controller";
@@ -238,13 +236,7 @@ fn owned<K>(
     ready: ReadyHandle,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Namespaced,
 {
     let config = watcher::Config::default().labels(keys::APPSET_NAME_LABEL);
     let stream = watcher(api_in::<PartialObjectMeta<K>>(client, ns), config).default_backoff();

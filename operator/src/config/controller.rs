@@ -25,15 +25,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use appset_crds::keys;
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::api::Patch;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -45,7 +43,7 @@ use crate::confighash::fetch::{self, FetchError};
 use crate::confighash::hash;
 use crate::confighash::keyring::Keyring;
 use crate::confighash::rotation::{Digests, Observed};
-use crate::kubeapi::{self, Scope};
+use crate::kubeapi::{self, Namespaced, Scope};
 
 /// The name the controller reports Events as.
 pub const CONTROLLER_NAME: &str = "appset-config-rollout";
@@ -105,16 +103,7 @@ impl Default for Settings {
 }
 
 /// A native workload kind the controller can roll.
-pub trait Workload:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope>
-    + Clone
-    + DeserializeOwned
-    + Serialize
-    + Debug
-    + Send
-    + Sync
-    + 'static
-{
+pub trait Workload: Namespaced + Serialize {
     /// Its kind.
     const KIND: WorkloadKind;
     /// Its pod template.

@@ -17,14 +17,12 @@
 //! gate, and each watch releases its own handle at the end of its first complete list.
 
 use std::collections::HashSet;
-use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
 
 use appset_process::readiness::ReadyHandle;
 use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::core::PartialObjectMeta;
@@ -33,7 +31,6 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::predicates;
 use kube::runtime::{Controller, Predicate, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::controller::{
@@ -43,7 +40,7 @@ use super::index::{SourceRef, WorkloadKind, WorkloadRef};
 use super::metrics::Metrics;
 use crate::confighash::discovery::SourceKind;
 use crate::confighash::keyring::Keyring;
-use crate::kubeapi::{self, api_in};
+use crate::kubeapi::{self, Namespaced, api_in};
 
 type Senders = Arc<Vec<(WorkloadKind, mpsc::UnboundedSender<WorkloadRef>)>>;
 
@@ -109,13 +106,7 @@ fn source_events<S>(
     ready: ReadyHandle,
 ) -> impl Stream<Item = ()> + Send
 where
-    S: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    S: Namespaced,
 {
     let watch = watcher(api, watcher::Config::default()).default_backoff();
     kubeapi::release_on_sync(watch, ready)
