@@ -17,18 +17,24 @@
 //!   Ready and available (`minReadySeconds`) first; it scales down the highest condemned pod,
 //!   one at a time, and only when every replica is healthy. `Parallel` creates and deletes
 //!   without waiting; the executor bounds how many requests it sends at once.
-//! * `RollingUpdate` replaces pods whose index (ordinal minus `ordinals.start`) is at or above
-//!   `partition`, highest first, keeping at most `maxUnavailable` replicas unavailable (missing,
-//!   terminating or not available count). New pods below the partition get the current
-//!   revision, all others the update revision. `OnDelete` never deletes for an update.
+//! * `RollingUpdate` replaces old-revision pods whose index (ordinal minus `ordinals.start`) is
+//!   at or above `partition` within a disruption budget ([`Budget`]): at most `maxUnavailable`
+//!   slots are ever being replaced at once (missing, terminating, or at the update revision and
+//!   not yet available), and a healthy pod is taken down only while that keeps the slots down
+//!   for any reason at or below `maxUnavailable`. `OrderedReady` replaces the highest old pod,
+//!   one at a time; `Parallel` replaces unavailable old pods first, then healthy ones, highest
+//!   ordinal first within each. New pods below the partition get the current revision, all
+//!   others the update revision. `OnDelete` never deletes for an update.
 //! * Claim ownership mirrors StatefulSet's retention policy: a claim is owned by the AppSet when
 //!   `whenDeleted: Delete` and its pod is not condemned; by its pod when `whenScaled: Delete`
 //!   and the pod is condemned; otherwise by nobody. The garbage collector does the deleting.
 //!
-//! Where AppSet deliberately differs (kubernetes#67250): a pod of an old revision that will be
-//! updated anyway and is not Ready is replaced immediately, whatever the policy and the
-//! `maxUnavailable` budget, because it is unavailable already and waiting for it would stall the
-//! rollout forever (the classic "broken image, then fixed image" trap).
+//! Where AppSet deliberately differs (kubernetes#67250): an old-revision pod that is not
+//! available is replaced when its turn comes without waiting for it to become Ready, since it
+//! takes nothing down that was up, and waiting for it would stall the rollout forever (the
+//! classic "broken image, then fixed image" trap). It still counts against the number of pods
+//! being replaced at once, so an outage that makes every pod unready followed by a template
+//! change replaces one pod at a time (with `maxUnavailable: 1`), never the whole set.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -177,7 +183,8 @@ pub enum DeleteReason {
     ScaleDown,
     /// It is of an old revision and the rolling update reached it.
     Update,
-    /// It is of an old revision and not Ready: replaced without waiting (kubernetes#67250).
+    /// It is of an old revision and not available: replaced when its turn comes, without
+    /// waiting for it to become Ready (kubernetes#67250), within the budget.
     BrokenOldRevision,
 }
 
@@ -397,11 +404,13 @@ pub fn desired_claim_owners(
 pub fn plan(input: &PlanInput) -> Plan {
     let mut p = Planner::new(input);
     p.replace_finished();
-    p.replace_broken_old_revision();
     let blocked = p.walk_slots();
     p.own_claims();
     let condemned = p.scale_down(blocked);
-    if !(p.monotonic && (blocked || condemned)) {
+    // OrderedReady scales down before it updates, as StatefulSet does. A walk blocked by an
+    // unavailable pod does not stop the update: the budget below decides, and it lets a
+    // broken old-revision pod be replaced when its turn comes (kubernetes#67250).
+    if !(p.monotonic && condemned) {
         p.roll();
     }
     p.out
@@ -484,28 +493,7 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Step 2: broken pods of an old revision that the update will replace anyway
-    /// (kubernetes#67250).
-    fn replace_broken_old_revision(&mut self) {
-        let update = self.input.update_revision.as_str();
-        let broken: Vec<&PodInfo> = self
-            .pods
-            .values()
-            .copied()
-            .filter(|p| {
-                self.in_range(p.ordinal)
-                    && !self.gone(p)
-                    && self.is_update_target(p.ordinal)
-                    && p.revision.as_deref() != Some(update)
-                    && !p.ready
-            })
-            .collect();
-        for p in broken {
-            self.delete(p, DeleteReason::BrokenOldRevision);
-        }
-    }
-
-    /// Step 3: walk the replica slots in order, claims then pods. Returns whether an
+    /// Step 2: walk the replica slots in order, claims then pods. Returns whether an
     /// OrderedReady walk stopped at a slot that is not ready yet.
     fn walk_slots(&mut self) -> bool {
         for ordinal in self.start..self.end {
@@ -610,7 +598,7 @@ impl<'a> Planner<'a> {
         Flow::Next
     }
 
-    /// Step 4: claim ownership for every live pod, following the retention policy.
+    /// Step 3: claim ownership for every live pod, following the retention policy.
     fn own_claims(&mut self) {
         let input = self.input;
         for p in self.pods.values() {
@@ -634,7 +622,7 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Step 5: scale down, highest ordinal first (one at a time with OrderedReady, and not
+    /// Step 4: scale down, highest ordinal first (one at a time with OrderedReady, and not
     /// while the walk is blocked). Returns whether any pod is out of range.
     fn scale_down(&mut self, blocked: bool) -> bool {
         let condemned: Vec<&PodInfo> = self
@@ -673,38 +661,108 @@ impl<'a> Planner<'a> {
         true
     }
 
-    /// Step 6: rolling update, highest ordinal first, within the maxUnavailable budget.
+    /// The disruption budget of the rolling update, before it deletes anything.
+    fn budget(&self) -> Budget {
+        let input = self.input;
+        let update = input.update_revision.as_str();
+        let mut b = Budget::default();
+        for o in self.start..self.end {
+            match self.pods.get(&o) {
+                None => b.in_flight += 1,
+                Some(p) if self.gone(p) => b.in_flight += 1,
+                Some(p) if self.available(p) => {}
+                Some(p) if p.revision.as_deref() == Some(update) => b.in_flight += 1,
+                Some(_) => b.old_unavailable += 1,
+            }
+        }
+        b.max = if self.monotonic {
+            input.max_unavailable.min(1)
+        } else {
+            input.max_unavailable
+        };
+        b
+    }
+
+    /// Step 5: rolling update within the disruption budget ([`Budget`]). OrderedReady
+    /// replaces the highest old-revision pod, one at a time; Parallel replaces broken
+    /// old-revision pods first, then healthy ones, highest ordinal first within each.
     fn roll(&mut self) {
         let input = self.input;
         if input.strategy != UpdateStrategyType::RollingUpdate {
             return;
         }
-        let unavailable = (self.start..self.end)
-            .filter(|o| match self.pods.get(o) {
-                None => true,
-                Some(p) => self.gone(p) || !self.available(p),
-            })
-            .count() as i32;
-        let mut budget = input.max_unavailable - unavailable;
-        for ordinal in (self.start..self.end).rev() {
-            if !self.is_update_target(ordinal) {
-                break;
-            }
-            let Some(p) = self.pods.get(&ordinal).copied() else {
-                continue;
-            };
-            if self.gone(p) || p.revision.as_deref() == Some(input.update_revision.as_str()) {
-                continue;
-            }
-            if budget <= 0 {
+        let update = input.update_revision.as_str();
+        let mut budget = self.budget();
+        let mut old: Vec<&PodInfo> = (self.start..self.end)
+            .rev()
+            .filter(|o| self.is_update_target(*o))
+            .filter_map(|o| self.pods.get(&o).copied())
+            .filter(|p| !self.gone(p) && p.revision.as_deref() != Some(update))
+            .collect();
+        if self.monotonic {
+            old.truncate(1);
+        } else {
+            // A stable sort keeps the highest-first order within each group.
+            old.sort_by_key(|p| self.available(p));
+        }
+        for p in old {
+            let healthy = self.available(p);
+            if !budget.allows(healthy) {
                 self.out.waiting.get_or_insert(Wait::UnavailableBudget {
-                    unavailable: input.max_unavailable - budget,
-                    max_unavailable: input.max_unavailable,
+                    unavailable: budget.in_flight + budget.old_unavailable,
+                    max_unavailable: budget.max,
                 });
                 break;
             }
-            self.delete(p, DeleteReason::Update);
-            budget -= 1;
+            budget.take(healthy);
+            let reason = if healthy {
+                DeleteReason::Update
+            } else {
+                DeleteReason::BrokenOldRevision
+            };
+            self.delete(p, reason);
+        }
+    }
+}
+
+/// The rolling update's disruption budget over the replica slots.
+///
+/// * `in_flight`: slots the controller is replacing or has not brought up yet: missing,
+///   terminating (or deleted by this plan), or holding an update-revision pod that is not
+///   available yet.
+/// * `old_unavailable`: old-revision pods that are unavailable for reasons of their own (a
+///   dependency outage, a broken old template).
+///
+/// A healthy pod may be deleted only while `in_flight + old_unavailable < max`, so that the
+/// replicas down never exceed `maxUnavailable`; an unavailable old pod may be deleted while
+/// `in_flight < max` (deleting it takes nothing down that was up, and waiting for it to become
+/// Ready could stall the rollout forever), so that at most `max` pods are ever being replaced
+/// at once, however many are unready. `max` is `maxUnavailable`, or 1 with OrderedReady.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Slots being replaced or not yet available at the update revision.
+    pub in_flight: i32,
+    /// Old-revision pods unavailable on their own.
+    pub old_unavailable: i32,
+    /// The most slots that may be down or being replaced.
+    pub max: i32,
+}
+
+impl Budget {
+    /// Whether deleting one more old pod (`healthy` or not) stays within the budget.
+    pub fn allows(&self, healthy: bool) -> bool {
+        if healthy {
+            self.in_flight + self.old_unavailable < self.max
+        } else {
+            self.in_flight < self.max
+        }
+    }
+
+    /// Accounts for deleting one old pod.
+    pub fn take(&mut self, healthy: bool) {
+        self.in_flight += 1;
+        if !healthy {
+            self.old_unavailable -= 1;
         }
     }
 }

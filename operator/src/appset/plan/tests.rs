@@ -567,16 +567,16 @@ fn partition_at_or_above_replicas_updates_nothing() {
 }
 
 #[test]
-fn max_unavailable_deletes_several_at_once_in_both_policies() {
-    for policy in [OrderedReady, Parallel] {
-        let mut i = all_ready(policy, 5, OLD);
-        i.max_unavailable = 2;
-        assert_eq!(
-            deleted(&plan(&i)),
-            vec![("web-4", Update), ("web-3", Update)],
-            "{policy:?}"
-        );
-    }
+fn max_unavailable_deletes_several_at_once_in_parallel_and_one_in_ordered_ready() {
+    let mut i = all_ready(Parallel, 5, OLD);
+    i.max_unavailable = 2;
+    assert_eq!(
+        deleted(&plan(&i)),
+        vec![("web-4", Update), ("web-3", Update)]
+    );
+    let mut i = all_ready(OrderedReady, 5, OLD);
+    i.max_unavailable = 2;
+    assert_eq!(deleted(&plan(&i)), vec![("web-4", Update)]);
 }
 
 #[test]
@@ -691,19 +691,49 @@ fn a_broken_old_pod_is_replaced_without_waiting_in_ordered_ready() {
 }
 
 #[test]
-fn a_broken_old_pod_is_replaced_even_when_the_budget_is_used_up() {
+fn broken_old_pods_are_replaced_within_the_budget_not_all_at_once() {
+    // Every pod unready (a dependency outage), then a template change: one replacement at a
+    // time, highest first, never the whole set.
     for policy in [OrderedReady, Parallel] {
-        let mut i = all_ready(policy, 4, OLD);
-        pod_mut(&mut i, 1).ready = false;
-        pod_mut(&mut i, 3).ready = false;
-        pod_mut(&mut i, 3).phase = PodPhase::Pending;
-        let p = plan(&i);
+        let mut i = all_ready(policy, 5, OLD);
+        for p in &mut i.pods {
+            p.ready = false;
+        }
         assert_eq!(
-            deleted(&p),
-            vec![("web-1", BrokenOldRevision), ("web-3", BrokenOldRevision)],
+            deleted(&plan(&i)),
+            vec![("web-4", BrokenOldRevision)],
             "{policy:?}"
         );
     }
+    // Parallel with room for two replaces two broken pods, highest first, before any healthy
+    // one; OrderedReady replaces only the highest old pod.
+    let mut i = all_ready(Parallel, 4, OLD);
+    i.max_unavailable = 2;
+    pod_mut(&mut i, 1).ready = false;
+    pod_mut(&mut i, 3).ready = false;
+    pod_mut(&mut i, 3).phase = PodPhase::Pending;
+    assert_eq!(
+        deleted(&plan(&i)),
+        vec![("web-3", BrokenOldRevision), ("web-1", BrokenOldRevision)]
+    );
+    i.policy = OrderedReady;
+    assert_eq!(deleted(&plan(&i)), vec![("web-3", BrokenOldRevision)]);
+}
+
+#[test]
+fn a_healthy_pod_is_not_taken_down_while_an_old_pod_is_unavailable() {
+    // web-0 is unready on its own; taking web-2 down too would put two of three down.
+    let mut i = all_ready(Parallel, 3, OLD);
+    pod_mut(&mut i, 0).ready = false;
+    i.max_unavailable = 1;
+    let p = plan(&i);
+    // The broken web-0 goes first (it is down already); web-2 waits.
+    assert_eq!(deleted(&p), vec![("web-0", BrokenOldRevision)]);
+    // OrderedReady keeps its order: web-2 is next, and waits for web-0.
+    i.policy = OrderedReady;
+    let p = plan(&i);
+    assert!(p.delete_pods.is_empty(), "{p:?}");
+    assert_eq!(p.waiting, Some(Wait::PodNotReady("web-0".into())));
 }
 
 #[test]
@@ -1025,4 +1055,189 @@ fn requeue_is_the_soonest_delay_within_one_second_and_five_minutes() {
     assert_eq!(requeue_after([Some(0), None]), 1);
     assert_eq!(requeue_after([Some(-5)]), 1);
     assert_eq!(requeue_after([Some(10_000)]), MAX_REQUEUE_SECONDS);
+}
+
+// --- the disruption budget, over generated sets ---
+
+/// One slot of a generated set.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    Missing,
+    /// (revision is the update revision, ready, ready long enough, terminating, failed)
+    Pod(bool, bool, bool, bool, bool),
+}
+
+fn arb_slot() -> impl proptest::strategy::Strategy<Value = Slot> {
+    use proptest::prelude::*;
+    prop_oneof![
+        1 => Just(Slot::Missing),
+        6 => (any::<bool>(), any::<bool>(), any::<bool>(), proptest::bool::weighted(0.1), proptest::bool::weighted(0.1))
+            .prop_map(|(new, ready, long, terminating, failed)| Slot::Pod(new, ready, long, terminating, failed)),
+    ]
+}
+
+fn generated(
+    policy: PodManagementPolicy,
+    replicas: i32,
+    slots: &[Slot],
+    partition: i32,
+    max_unavailable: i32,
+    min_ready_seconds: i64,
+) -> PlanInput {
+    let mut i = input(policy, replicas);
+    i.partition = partition;
+    i.max_unavailable = max_unavailable;
+    i.min_ready_seconds = min_ready_seconds;
+    for (o, slot) in slots.iter().enumerate() {
+        let o = o as i32;
+        if let Slot::Pod(new, ready_now, long, terminating, failed) = *slot {
+            ready(&mut i, o, if new { NEW } else { OLD });
+            let p = pod_mut(&mut i, o);
+            p.ready = ready_now && !failed;
+            p.ready_since = Some(if long { NOW - 3600 } else { NOW - 5 });
+            p.terminating = terminating;
+            if failed {
+                p.phase = PodPhase::Failed;
+            }
+        }
+    }
+    i
+}
+
+/// Checks the rolling update's disruption budget on one plan, computed independently of the
+/// planner: the controller never has more than `max` slots in flight (missing, terminating,
+/// deleted, or at the update revision and not yet available) once it deletes for the update,
+/// never takes a healthy pod down while that would put more than `max` slots down, keeps
+/// OrderedReady to the highest old pod, one at a time, and never stalls on a broken pod when
+/// the budget has room.
+fn check_budget(i: &PlanInput, p: &Plan) {
+    let ctx = format!("{i:?}\n=> {p:?}");
+    let end = i.start_ordinal + i.replicas;
+    let max = if i.policy == OrderedReady {
+        i.max_unavailable.min(1)
+    } else {
+        i.max_unavailable
+    };
+    let available = |x: &PodInfo| x.is_available(i.min_ready_seconds, i.now);
+    let is_new = |x: &PodInfo| x.revision.as_deref() == Some(NEW);
+    let deleted = |x: &PodInfo, reasons: &[DeleteReason]| {
+        p.delete_pods
+            .iter()
+            .any(|d| d.name == x.name && reasons.contains(&d.reason))
+    };
+    let all = [
+        DeleteReason::Finished,
+        DeleteReason::ScaleDown,
+        DeleteReason::Update,
+        DeleteReason::BrokenOldRevision,
+    ];
+    let slot = |o: i32| i.pods.iter().find(|x| x.ordinal == o);
+    // (in flight, down) counting the deletions in `reasons` as done.
+    let count = |reasons: &[DeleteReason]| {
+        let (mut in_flight, mut down) = (0, 0);
+        for o in i.start_ordinal..end {
+            match slot(o) {
+                None => in_flight += 1,
+                Some(x) if x.terminating || deleted(x, reasons) => in_flight += 1,
+                Some(x) if available(x) => continue,
+                Some(x) if is_new(x) => in_flight += 1,
+                Some(_) => {}
+            }
+            down += 1;
+        }
+        (in_flight, down)
+    };
+    let updates: Vec<&PodDeletion> = p
+        .delete_pods
+        .iter()
+        .filter(|d| {
+            matches!(
+                d.reason,
+                DeleteReason::Update | DeleteReason::BrokenOldRevision
+            )
+        })
+        .collect();
+    for d in &updates {
+        let x = i
+            .pods
+            .iter()
+            .find(|x| x.name == d.name)
+            .unwrap_or_else(|| panic!("{ctx}"));
+        assert_eq!(
+            d.reason == DeleteReason::Update,
+            available(x),
+            "Update is for available pods, BrokenOldRevision for the others: {ctx}"
+        );
+    }
+    let (in_flight_after, down_after) = count(&all);
+    if !updates.is_empty() {
+        assert!(
+            in_flight_after <= max,
+            "{in_flight_after} slots in flight, budget {max}: {ctx}"
+        );
+    }
+    if updates.iter().any(|d| d.reason == DeleteReason::Update) {
+        assert!(
+            down_after <= max,
+            "a healthy pod taken down with {down_after} slots down, budget {max}: {ctx}"
+        );
+    }
+    let candidates: Vec<&PodInfo> = (i.start_ordinal..end)
+        .rev()
+        .filter(|o| o - i.start_ordinal >= i.partition)
+        .filter_map(slot)
+        .filter(|x| !x.terminating && !deleted(x, &[DeleteReason::Finished]) && !is_new(x))
+        .collect();
+    if i.policy == OrderedReady {
+        assert!(updates.len() <= 1, "OrderedReady: one at a time: {ctx}");
+        if let Some(d) = updates.first() {
+            assert_eq!(
+                candidates.first().map(|x| x.name.as_str()),
+                Some(d.name.as_str()),
+                "OrderedReady replaces the highest old pod first: {ctx}"
+            );
+        }
+    }
+    // Liveness: with room in the budget, the next old pod is replaced (kubernetes#67250:
+    // a broken one without waiting for it to become Ready).
+    let condemned = i.pods.iter().any(|x| x.ordinal >= end);
+    if i.strategy == UpdateStrategyType::RollingUpdate && !(i.policy == OrderedReady && condemned) {
+        let (in_flight, down) = count(&[DeleteReason::Finished]);
+        let next = if i.policy == OrderedReady {
+            candidates.first().copied()
+        } else {
+            candidates
+                .iter()
+                .find(|x| !available(x))
+                .or(candidates.first())
+                .copied()
+        };
+        if let Some(x) = next {
+            let room = if available(x) {
+                down < max
+            } else {
+                in_flight < max
+            };
+            assert_eq!(!updates.is_empty(), room, "stalled or overran: {ctx}");
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    #[test]
+    fn the_disruption_budget_holds_for_generated_sets(
+        ordered in proptest::bool::ANY,
+        slots in proptest::collection::vec(arb_slot(), 0..9),
+        replicas in 0i32..8,
+        partition in 0i32..4,
+        max_unavailable in 1i32..4,
+        min_ready in proptest::sample::select(vec![0i64, 30]),
+    ) {
+        let policy = if ordered { OrderedReady } else { Parallel };
+        let i = generated(policy, replicas, &slots, partition, max_unavailable, min_ready);
+        let p = plan(&i);
+        check_budget(&i, &p);
+        check_invariants(&i, &p);
+    }
 }
