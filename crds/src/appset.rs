@@ -68,6 +68,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[x_kube(
+    validation = Rule::new("self.selector == oldSelf.selector").message("spec.selector is immutable: pods are found by it, so changing it would orphan them; delete the AppSet with --cascade=orphan and create it again to change it").field_path(".selector"),
     validation = Rule::new("!has(self.selector.matchLabels) || self.selector.matchLabels.all(k, has(self.template.metadata) && has(self.template.metadata.labels) && k in self.template.metadata.labels && self.template.metadata.labels[k] == self.selector.matchLabels[k])").message("spec.selector.matchLabels must match spec.template.metadata.labels: every selector label needs the same value in the template").field_path(".selector"),
     validation = Rule::new("!has(self.service) || self.service != 'Managed' || (has(self.serviceName) && self.serviceName != '')").message("spec.serviceName is required when spec.service is Managed").field_path(".serviceName"),
     validation = Rule::new("!has(self.volumeClaimTemplates) || self.volumeClaimTemplates.all(t, has(t.metadata) && has(t.metadata.name) && t.metadata.name != '')").message("every spec.volumeClaimTemplates entry needs metadata.name; it names the claims <name>-<set>-<ordinal>").field_path(".volumeClaimTemplates")
@@ -79,8 +80,8 @@ pub struct AppSetSpec {
     #[schemars(range(min = 0))]
     pub replicas: i32,
 
-    /// A label query over pods that must match the template's labels. Immutable in StatefulSet;
-    /// in an AppSet it must at least select the template's labels.
+    /// A label query over pods that must match the template's labels. Immutable, as in a
+    /// StatefulSet.
     #[schemars(transform = bound_selector_labels)]
     pub selector: LabelSelector,
 

@@ -235,3 +235,69 @@ async fn deleting_the_appset_honours_when_deleted() -> Result<()> {
     ns.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_selector_is_immutable() -> Result<()> {
+    let ns = TestNamespace::new("aps-selector").await?;
+    let api = ns.api::<AppSet>();
+    api.create(&PostParams::default(), &appset("web", 1, json!({}))?)
+        .await?;
+    // A new selector with matching template labels: what StatefulSet refuses.
+    let err = api
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "selector": {"matchLabels": {"app": "web2"}},
+                "template": {"metadata": {"labels": {"app": "web2"}}}
+            }})),
+        )
+        .await
+        .err()
+        .context("a selector change was accepted")?;
+    let message = err.to_string();
+    println!("selector change refused: {message}");
+    assert!(
+        message.contains("spec.selector is immutable"),
+        "the refusal names the field: {message}"
+    );
+    // Other changes still go through.
+    patch_spec(&ns, "web", json!({"replicas": 2})).await?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreground_deletion_waits_for_the_pods() -> Result<()> {
+    let ns = TestNamespace::new("aps-foreground").await?;
+    let ctl = AppSetController::start(&ns).await?;
+    let api = ns.api::<AppSet>();
+    api.create(
+        &PostParams::default(),
+        &appset("web", 3, json!({"podManagementPolicy": "Parallel"}))?,
+    )
+    .await?;
+    wait_settled(&ns, "web", 3).await?;
+    let pods = ns.api::<Pod>();
+    for p in pods.list(&ListParams::default()).await?.items {
+        let owner = p.owner_references().first().cloned().context("an owner")?;
+        assert_eq!(owner.block_owner_deletion, Some(true), "{}", p.name_any());
+    }
+    // Stop the controller, so that nothing recreates pods while the set is being deleted.
+    ctl.stop().await?;
+    api.delete("web", &DeleteParams::foreground()).await?;
+    // `kubectl delete --cascade=foreground --wait` returns when the AppSet is gone; by then
+    // every pod must be gone too.
+    let left = wait_for("the AppSet gone", LONG, || async {
+        Ok(match api.get_opt("web").await? {
+            None => Ok(pods.list(&ListParams::default()).await?.items),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await?;
+    let names: Vec<String> = left.iter().map(|p| p.name_any()).collect();
+    println!("pods left when the AppSet was gone: {names:?}");
+    assert!(names.is_empty(), "pods outlived the AppSet: {names:?}");
+    ns.cleanup().await;
+    Ok(())
+}

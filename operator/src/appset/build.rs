@@ -33,9 +33,14 @@ use appset_crds::keys;
 
 use super::plan::{ClaimOwners, claim_name, pod_name};
 
-/// The AppSet as the controller owner of a pod, revision or Service.
+/// The AppSet as the controller owner of a pod, revision or Service. `blockOwnerDeletion`
+/// makes a foreground deletion of the AppSet wait until these are gone, as for a StatefulSet
+/// (setting it needs `update` on `appsets/finalizers`, which the chart grants).
 pub fn controller_ref(set: &AppSet) -> Option<OwnerReference> {
-    set.controller_owner_ref(&())
+    set.controller_owner_ref(&()).map(|r| OwnerReference {
+        block_owner_deletion: Some(true),
+        ..r
+    })
 }
 
 /// The AppSet as a plain (non-controller) owner of a claim, as StatefulSet does for
@@ -43,6 +48,7 @@ pub fn controller_ref(set: &AppSet) -> Option<OwnerReference> {
 pub fn set_claim_ref(set: &AppSet) -> Option<OwnerReference> {
     set.controller_owner_ref(&()).map(|r| OwnerReference {
         controller: Some(false),
+        block_owner_deletion: None,
         ..r
     })
 }

@@ -243,6 +243,9 @@ pub enum Wait {
     PodTerminating(String),
     /// A claim the next pod needs is being deleted.
     ClaimTerminating(String),
+    /// A claim of an empty slot still names a pod that is gone as its owner; it is released
+    /// first, so that the garbage collector cannot delete it under the new pod.
+    ClaimOwnerRepair(String),
     /// The rolling update has used its `maxUnavailable` budget.
     UnavailableBudget {
         /// Replicas unavailable now.
@@ -257,6 +260,10 @@ impl std::fmt::Display for Wait {
         match self {
             Self::PodNotReady(p) => write!(f, "waiting for pod {p} to be Running and Ready"),
             Self::PodTerminating(p) => write!(f, "waiting for pod {p} to finish terminating"),
+            Self::ClaimOwnerRepair(c) => write!(
+                f,
+                "releasing PersistentVolumeClaim {c} from the pod that owned it before its pod is created"
+            ),
             Self::ClaimTerminating(c) => {
                 write!(
                     f,
@@ -526,10 +533,24 @@ impl<'a> Planner<'a> {
     /// partition), unless one of its claims is still terminating.
     fn fill_slot(&mut self, ordinal: i32) -> Flow {
         let input = self.input;
+        let name = pod_name(&input.set_name, ordinal);
         let mut claim_blocked = None;
+        let mut repaired = None;
         for template in &input.claim_templates {
             match self.claims.get(&(template.as_str(), ordinal)) {
                 Some(c) if c.terminating => claim_blocked = Some(c.name.clone()),
+                // The slot has no pod, so any pod owner is stale (a pod deleted by a scale-down
+                // with `whenScaled: Delete`): the garbage collector would delete the claim once
+                // it sees that pod gone. Release it now; the pod comes in a later plan, once the
+                // claim is seen released (or, if the collector won, terminating).
+                Some(c) if c.owners.pod.is_some() => {
+                    self.out.claim_owner_updates.push(ClaimOwnerUpdate {
+                        claim: c.name.clone(),
+                        pod_name: name.clone(),
+                        owners: desired_claim_owners(&input.retention, false, None),
+                    });
+                    repaired = Some(c.name.clone());
+                }
                 Some(_) => {}
                 None => self.out.create_claims.push(ClaimCreation {
                     template: template.clone(),
@@ -545,6 +566,12 @@ impl<'a> Planner<'a> {
                 .get_or_insert(Wait::ClaimTerminating(claim));
             return self.stop_if_ordered();
         }
+        if let Some(claim) = repaired {
+            self.out
+                .waiting
+                .get_or_insert(Wait::ClaimOwnerRepair(claim));
+            return self.stop_if_ordered();
+        }
         let revision = if input.strategy == UpdateStrategyType::RollingUpdate
             && ordinal - self.start < input.partition
         {
@@ -552,7 +579,6 @@ impl<'a> Planner<'a> {
         } else {
             input.update_revision.clone()
         };
-        let name = pod_name(&input.set_name, ordinal);
         self.out.create_pods.push(PodCreation {
             ordinal,
             name: name.clone(),

@@ -931,6 +931,14 @@ fn check_invariants(i: &PlanInput, p: &Plan) {
     for c in &p.create_pods {
         assert!(pod(c.ordinal).is_none(), "duplicate pod: {ctx}");
         assert!(c.ordinal >= i.start_ordinal && c.ordinal < end, "{ctx}");
+        // Never on a claim that still names a (gone) pod as its owner: the garbage collector
+        // would delete it under the new pod.
+        assert!(
+            !i.claims
+                .iter()
+                .any(|x| x.ordinal == c.ordinal && x.owners.pod.is_some()),
+            "pod created on a claim owned by a gone pod: {ctx}"
+        );
         // Its claims exist or are created in the same plan.
         let claimed = i.claims.iter().any(|x| x.ordinal == c.ordinal)
             || p.create_claims.iter().any(|x| x.ordinal == c.ordinal);
@@ -1022,8 +1030,15 @@ fn check_invariants(i: &PlanInput, p: &Plan) {
     } else {
         // Parallel: every missing slot whose claims are usable gets a pod.
         for o in i.start_ordinal..end {
-            if pod(o).is_none() {
+            let unusable = i
+                .claims
+                .iter()
+                .any(|x| x.ordinal == o && (x.terminating || x.owners.pod.is_some()));
+            if pod(o).is_none() && !unusable {
                 assert!(p.create_pods.iter().any(|c| c.ordinal == o), "{ctx}");
+            }
+            if pod(o).is_none() && unusable {
+                assert!(!p.create_pods.iter().any(|c| c.ordinal == o), "{ctx}");
             }
         }
     }
@@ -1055,6 +1070,39 @@ fn requeue_is_the_soonest_delay_within_one_second_and_five_minutes() {
     assert_eq!(requeue_after([Some(0), None]), 1);
     assert_eq!(requeue_after([Some(-5)]), 1);
     assert_eq!(requeue_after([Some(10_000)]), MAX_REQUEUE_SECONDS);
+}
+
+#[test]
+fn a_claim_still_owned_by_a_gone_pod_is_released_before_its_pod_is_created() {
+    // Scaled 3 -> 1 with whenScaled: Delete, then quickly back to 3: web-2's claim still names
+    // the deleted pod (uid-old-2) as its owner.
+    for policy in [OrderedReady, Parallel] {
+        let mut i = all_ready(policy, 2, NEW);
+        i.replicas = 3;
+        i.retention = Retention {
+            when_deleted: RetentionPolicyType::Retain,
+            when_scaled: RetentionPolicyType::Delete,
+        };
+        claim(&mut i, 2);
+        i.claims[2].owners.pod = Some("uid-old-2".into());
+        let p = plan(&i);
+        assert!(created(&p).is_empty(), "{policy:?}: {p:?}");
+        assert_eq!(
+            p.claim_owner_updates,
+            vec![ClaimOwnerUpdate {
+                claim: "data-web-2".into(),
+                pod_name: "web-2".into(),
+                owners: ClaimOwners::default(),
+            }],
+            "{policy:?}"
+        );
+        assert_eq!(p.waiting, Some(Wait::ClaimOwnerRepair("data-web-2".into())));
+        // Once released, the pod is created on the same claim.
+        i.claims[2].owners.pod = None;
+        let p = plan(&i);
+        assert_eq!(created(&p), vec![(2, NEW)], "{policy:?}");
+        assert!(claims_created(&p).is_empty());
+    }
 }
 
 // --- the disruption budget, over generated sets ---
@@ -1090,6 +1138,15 @@ fn generated(
     i.min_ready_seconds = min_ready_seconds;
     for (o, slot) in slots.iter().enumerate() {
         let o = o as i32;
+        if let Slot::Missing = slot
+            && o % 2 == 1
+        {
+            // Every other empty slot keeps a claim that still names its deleted pod.
+            claim(&mut i, o);
+            if let Some(c) = i.claims.last_mut() {
+                c.owners.pod = Some(format!("uid-gone-{o}"));
+            }
+        }
         if let Slot::Pod(new, ready_now, long, terminating, failed) = *slot {
             ready(&mut i, o, if new { NEW } else { OLD });
             let p = pod_mut(&mut i, o);
