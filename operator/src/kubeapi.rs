@@ -149,6 +149,35 @@ where
     results.into_iter().collect()
 }
 
+/// Runs `jobs` in slow-start batches, as the StatefulSet and ReplicaSet controllers create
+/// pods: 1 job, then 2, 4, … up to `max_batch` at once, each batch once the previous one fully
+/// succeeded. The first failing batch stops it: later jobs are never started, nor even built
+/// (`job` makes each one's future when its batch starts), so the memory and the API load of one call
+/// are bounded by `max_batch` whatever the number of jobs, and a quota or webhook that refuses
+/// every create costs one request, not thousands. Returns how many jobs succeeded.
+pub async fn slow_start<'a, T, F, Fut, E>(
+    items: &'a [T],
+    max_batch: usize,
+    job: F,
+) -> Result<usize, E>
+where
+    F: Fn(&'a T) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let mut next = 0;
+    let mut size = 1;
+    while next < items.len() {
+        let end = next.saturating_add(size).min(items.len());
+        futures::future::join_all(items[next..end].iter().map(&job))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, E>>()?;
+        next = end;
+        size = size.saturating_mul(2).min(max_batch.max(1));
+    }
+    Ok(next)
+}
+
 /// Whether the object's controller owner reference names `uid`: `None` when it has no
 /// controller at all (an orphan that may be adopted).
 pub fn is_controlled_by(meta: &ObjectMeta, uid: &str) -> Option<bool> {
@@ -197,6 +226,49 @@ pub async fn publish<K>(
     };
     if let Err(err) = recorder.publish(&event, &obj.object_ref(&())).await {
         warn!(error = %err, reason, "cannot publish an Event");
+    }
+}
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::slow_start;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    async fn run(
+        total: usize,
+        fail_at: Option<usize>,
+        max_batch: usize,
+    ) -> (Result<usize, usize>, usize) {
+        let started = AtomicUsize::new(0);
+        let built = AtomicUsize::new(0);
+        let items: Vec<usize> = (0..total).collect();
+        let result = slow_start(&items, max_batch, |n| {
+            built.fetch_add(1, Ordering::SeqCst);
+            let started = &started;
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                if Some(*n) == fail_at { Err(*n) } else { Ok(()) }
+            }
+        })
+        .await;
+        assert_eq!(built.load(Ordering::SeqCst), started.load(Ordering::SeqCst));
+        (result, started.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn batches_double_up_to_the_limit() {
+        assert_eq!(run(0, None, 4).await, (Ok(0), 0));
+        assert_eq!(run(20, None, 4).await, (Ok(20), 20));
+        assert_eq!(run(5, None, 0).await, (Ok(5), 5));
+    }
+
+    #[tokio::test]
+    async fn a_failure_stops_the_later_batches_unbuilt() {
+        // Batches of 1, 2, 4: job 3 fails in the third batch, which runs to its end (jobs 3..7);
+        // nothing after it is built or started.
+        assert_eq!(run(1000, Some(3), 32).await, (Err(3), 7));
+        // A create refused from the start costs one request.
+        assert_eq!(run(5000, Some(0), 32).await, (Err(0), 1));
     }
 }
 

@@ -33,6 +33,7 @@ use super::revision::UpdateRevision;
 use super::storage::{self, ClaimChange};
 use crate::kubeapi::{
     apply_params, bounded, is_conflict, is_controlled_by, is_not_found, merge_params, post_params,
+    slow_start,
 };
 
 /// Applies the headless Service when `service: Managed`, unless a Service of that name exists
@@ -158,15 +159,16 @@ pub async fn plan(
     });
     bounded::<_, Error>(jobs.collect(), burst).await?;
 
-    let jobs = decided.create_claims.iter().filter_map(|c| {
+    slow_start(&decided.create_claims, burst, |c| {
         let tmpl = set
             .spec
             .volume_claim_templates
             .iter()
-            .find(|t| t.metadata.name.as_deref() == Some(c.template.as_str()))?;
-        let claim = build::claim(set, tmpl, c.ordinal, &c.owners);
+            .find(|t| t.metadata.name.as_deref() == Some(c.template.as_str()));
+        let claim = tmpl.map(|tmpl| build::claim(set, tmpl, c.ordinal, &c.owners));
         let api = &claims_api;
-        Some(async move {
+        async move {
+            let Some(claim) = claim else { return Ok(()) };
             match api.create(&post_params(), &claim).await {
                 Ok(_) => {
                     ctx.event(
@@ -185,9 +187,9 @@ pub async fn plan(
                     t.ns, c.name
                 ))(e)),
             }
-        })
-    });
-    bounded(jobs.collect(), burst).await?;
+        }
+    })
+    .await?;
 
     let pods_api: Api<Pod> = t.api(ctx);
     let jobs = decided.delete_pods.iter().map(|d| {
@@ -217,11 +219,12 @@ pub async fn plan(
     });
     bounded(jobs.collect(), decided.deletion_concurrency(burst)).await?;
 
-    let jobs = decided.create_pods.iter().filter_map(|c| {
-        let (revision, tmpl) = templates.resolve(&c.revision)?;
-        let pod = build::pod(set, tmpl, revision, c.ordinal);
+    slow_start(&decided.create_pods, burst, |c| {
+        let resolved = templates.resolve(&c.revision);
+        let pod = resolved.map(|(revision, tmpl)| (revision, build::pod(set, tmpl, revision, c.ordinal)));
         let api = &pods_api;
-        Some(async move {
+        async move {
+            let Some((revision, pod)) = pod else { return Ok(()) };
             match api.create(&post_params(), &pod).await {
                 Ok(_) => {
                     ctx.event(set, EventType::Normal, "SuccessfulCreate", "CreatePod",
@@ -236,9 +239,10 @@ pub async fn plan(
                 }
                 Err(e) => Err(kube_err(format!("create pod {}/{}", t.ns, c.name))(e)),
             }
-        })
-    });
-    bounded(jobs.collect(), burst).await
+        }
+    })
+    .await
+    .map(|_| ())
 }
 
 /// The Event text for a pod deletion.

@@ -423,6 +423,11 @@ pub fn plan(input: &PlanInput) -> Plan {
     p.out
 }
 
+/// The most pods one plan creates (with their claims). A plan holds only names and ordinals,
+/// and the executor builds each object when its slow-start batch starts, so this bounds the
+/// memory of one reconcile whatever `replicas` says; the next plan continues.
+pub const MAX_CREATIONS_PER_PLAN: usize = 256;
+
 /// How the slot walk goes on after one slot.
 enum Flow {
     Next,
@@ -584,6 +589,12 @@ impl<'a> Planner<'a> {
             name: name.clone(),
             revision,
         });
+        if self.out.create_pods.len() >= MAX_CREATIONS_PER_PLAN {
+            // The rest comes in the next plans: a huge `replicas` costs no more memory per
+            // reconcile than this.
+            self.out.requeue_after = Some(1);
+            return Flow::Stop;
+        }
         if self.monotonic {
             self.out.waiting.get_or_insert(Wait::PodNotReady(name));
             return Flow::Stop;
@@ -692,15 +703,19 @@ impl<'a> Planner<'a> {
         let input = self.input;
         let update = input.update_revision.as_str();
         let mut b = Budget::default();
-        for o in self.start..self.end {
-            match self.pods.get(&o) {
-                None => b.in_flight += 1,
-                Some(p) if self.gone(p) => b.in_flight += 1,
-                Some(p) if self.available(p) => {}
-                Some(p) if p.revision.as_deref() == Some(update) => b.in_flight += 1,
-                Some(_) => b.old_unavailable += 1,
+        let mut present = 0;
+        for p in self.pods.range(self.start..self.end).map(|(_, p)| *p) {
+            present += 1;
+            if self.gone(p) || (!self.available(p) && p.revision.as_deref() == Some(update)) {
+                b.in_flight += 1;
+            } else if !self.available(p) {
+                b.old_unavailable += 1;
             }
         }
+        // Empty slots, counted without walking them (`replicas` may be huge).
+        b.in_flight = b
+            .in_flight
+            .saturating_add((self.end - self.start).saturating_sub(present));
         b.max = if self.monotonic {
             input.max_unavailable.min(1)
         } else {
@@ -719,10 +734,12 @@ impl<'a> Planner<'a> {
         }
         let update = input.update_revision.as_str();
         let mut budget = self.budget();
-        let mut old: Vec<&PodInfo> = (self.start..self.end)
+        let mut old: Vec<&PodInfo> = self
+            .pods
+            .range(self.start..self.end)
             .rev()
-            .filter(|o| self.is_update_target(*o))
-            .filter_map(|o| self.pods.get(&o).copied())
+            .map(|(_, p)| *p)
+            .filter(|p| self.is_update_target(p.ordinal))
             .filter(|p| !self.gone(p) && p.revision.as_deref() != Some(update))
             .collect();
         if self.monotonic {

@@ -1298,3 +1298,27 @@ proptest::proptest! {
         check_invariants(&i, &p);
     }
 }
+
+#[test]
+fn a_huge_replicas_plans_a_bounded_batch_and_walks_no_empty_range() {
+    for policy in [Parallel, OrderedReady] {
+        let mut i = input(policy, i32::MAX);
+        for o in 0..3 {
+            ready(&mut i, o, OLD);
+        }
+        let p = plan(&i);
+        let want = if policy == Parallel {
+            MAX_CREATIONS_PER_PLAN
+        } else {
+            1
+        };
+        assert_eq!(p.create_pods.len(), want, "{policy:?}");
+        assert_eq!(p.create_claims.len(), want, "{policy:?}");
+        assert_eq!(p.create_pods[0].ordinal, 3);
+        // Two billion empty slots are in flight: nothing is taken down for the update.
+        assert!(p.delete_pods.is_empty(), "{policy:?}");
+        if policy == Parallel {
+            assert_eq!(p.requeue_after, Some(1));
+        }
+    }
+}
