@@ -13,7 +13,7 @@
 //! `configHash`, conditions and per-template volume claim status.
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -331,6 +331,14 @@ pub struct AppSetStatus {
     /// The keyed digest of the referenced ConfigMaps and Secrets in the update revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// When `configHash` last changed because the referenced config did (the last
+    /// config-driven rollout); the next one waits at least `--min-rollout-interval` after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_rollout_time: Option<Time>,
+    /// When a config change that is not rolled out yet was first seen: it waits for the
+    /// coalescing window (`--coalesce-window`) and the minimum interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_config_since: Option<Time>,
     /// `Available` and `Progressing`, with reasons a person can act on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

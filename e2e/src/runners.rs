@@ -24,6 +24,7 @@ use appset_operator::config::watch as rollout_watch;
 use appset_operator::confighash::fetch::ensure_keyring;
 use appset_operator::confighash::keyring::{DEFAULT_SECRET_NAME, Keyring};
 use appset_operator::kubeapi::Scope;
+use appset_operator::pacing;
 use appset_process::readiness::Readiness;
 use appset_webhook::probe::Probe;
 use appset_webhook::tls::manager::TlsConfig;
@@ -123,13 +124,23 @@ pub struct AppSetController {
 }
 
 impl AppSetController {
-    /// Starts the controller for `ns` with the default settings; returns once it is ready.
+    /// Starts the controller for `ns` with [`AppSetController::settings`]; returns once it is
+    /// ready.
     pub async fn start(ns: &TestNamespace) -> Result<Self> {
-        let settings = appset_controller::Settings {
+        Self::start_with(ns, Self::settings(ns)).await
+    }
+
+    /// The default settings, scoped to `ns`, with the tests' short pacing of config-driven
+    /// rollouts (a 1 s window and a 3 s minimum interval, as the config rollout tests use).
+    pub fn settings(ns: &TestNamespace) -> appset_controller::Settings {
+        appset_controller::Settings {
             scope: Scope::namespace(&ns.name),
+            pacing: pacing::Policy {
+                window: Duration::from_secs(1),
+                min_interval: Duration::from_secs(3),
+            },
             ..Default::default()
-        };
-        Self::start_with(ns, settings).await
+        }
     }
 
     /// Starts the controller with `settings`; returns once it is ready.

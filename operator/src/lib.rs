@@ -6,15 +6,17 @@
 //!   rollout decisions, and the reconcile that applies them.
 //! * [`appset`]: the AppSet controller.
 //! * [`kubeapi`]: the API-server helpers both controllers use.
+//! * [`pacing`]: the coalescing window and minimum interval of config-driven rollouts.
 //! * [`runtime`]: the operator process: flags, the shared keyring, the admin endpoints, leader
 //!   election, and graceful shutdown. `src/main.rs` is a thin wrapper around it.
 //!
-//! Neither controller imports from the other; both depend on [`confighash`] and [`kubeapi`].
+//! Neither controller imports from the other; both depend on [`confighash`], [`kubeapi`] and [`pacing`].
 
 pub mod appset;
 pub mod config;
 pub mod confighash;
 pub mod kubeapi;
+pub mod pacing;
 pub mod runtime;
 
 pub use runtime::run;

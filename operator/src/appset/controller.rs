@@ -79,16 +79,19 @@ pub struct Settings {
     pub burst: usize,
     /// Reported as the Events' reporting instance (e.g. the pod name).
     pub instance: Option<String>,
+    /// The pacing of config-driven rollouts (the same flags as for native workloads).
+    pub pacing: crate::pacing::Policy,
 }
 
 impl Default for Settings {
-    /// Every namespace, 8 AppSets at once, bursts of 32.
+    /// Every namespace, 8 AppSets at once, bursts of 32, the default pacing.
     fn default() -> Self {
         Self {
             scope: Scope::All,
             concurrency: 8,
             burst: 32,
             instance: None,
+            pacing: crate::pacing::Policy::default(),
         }
     }
 }

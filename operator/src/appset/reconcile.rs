@@ -3,7 +3,8 @@
 //!
 //! 1. **Service**: apply the headless Service when `service: Managed`.
 //! 2. **Config**: with `configRollout`, the digest of the ConfigMaps and Secrets the template
-//!    references ([`observe::config_hash`]).
+//!    references ([`observe::config_hash`]), paced by [`pacing::pace`]: a change is taken once
+//!    the coalescing window and the minimum interval allow it, the state kept on the status.
 //! 3. **Revisions**: list the ControllerRevisions, let [`revision`] pick (create, reuse) the
 //!    update revision and make it exist.
 //! 4. **Observe**: list the pods (adopting orphans) and the claims (labelling adopted ones).
@@ -32,6 +33,7 @@ use super::execute::{self, Templates};
 use super::observe::{self, Claim, Target};
 use super::plan::{self, PlanInput, PodInfo};
 use super::{revision, status};
+use crate::pacing::{self, Paced};
 
 /// The revisions as step 3 left them.
 struct Revisions {
@@ -53,11 +55,20 @@ pub async fn reconcile(set: &AppSet, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
 
     execute::service(ctx, set, &t).await?;
-    let config_hash = if set.spec.config_rollout {
-        observe::config_hash(ctx, set, &t, previous).await?
+    let paced = if set.spec.config_rollout {
+        let fresh = observe::config_hash(ctx, set, &t, previous).await?;
+        let recorded = previous.and_then(|s| s.config_hash.as_deref());
+        pacing::pace(
+            &ctx.settings.pacing,
+            recorded,
+            fresh.as_deref(),
+            &recorded_pacing(previous),
+            now.as_second(),
+        )
     } else {
-        None
+        Paced::default()
     };
+    let config_hash = paced.hash.clone();
     let revs = revisions(ctx, set, &t, config_hash.as_deref(), previous).await?;
 
     let pods: Vec<PodInfo> = observe::pods(ctx, set, &t)
@@ -101,6 +112,8 @@ pub async fn reconcile(set: &AppSet, ctx: &Context) -> Result<Action, Error> {
         collision_count: revs.collision_count,
         label_selector: super::build::selector_string(&set.spec.selector),
         config_hash,
+        config_rollout_time: paced.rolled_at.and_then(time_at),
+        pending_config_since: paced.pending_since.and_then(time_at),
         volume_claim_templates: claim_status,
         waiting: waiting.clone(),
         previous,
@@ -124,8 +137,27 @@ pub async fn reconcile(set: &AppSet, ctx: &Context) -> Result<Action, Error> {
     if previous != Some(&outcome.status) {
         execute::status(ctx, &t, &outcome.status).await?;
     }
-    let after = plan::requeue_after([decided.requeue_after, outcome.check_deadline_after]);
+    let after = plan::requeue_after([
+        decided.requeue_after,
+        outcome.check_deadline_after,
+        paced.wait,
+    ]);
     Ok(Action::requeue(Duration::from_secs(after.unsigned_abs())))
+}
+
+/// What the status recorded about config-driven rollouts.
+fn recorded_pacing(previous: Option<&AppSetStatus>) -> Paced {
+    let secs = |t: &Option<Time>| t.as_ref().map(|t| t.0.as_second());
+    Paced {
+        hash: previous.and_then(|s| s.config_hash.clone()),
+        pending_since: previous.and_then(|s| secs(&s.pending_config_since)),
+        rolled_at: previous.and_then(|s| secs(&s.config_rollout_time)),
+        wait: None,
+    }
+}
+
+fn time_at(seconds: i64) -> Option<Time> {
+    Timestamp::from_second(seconds).ok().map(Time)
 }
 
 /// Step 3: the update revision (created or reused as needed), the current one, and every

@@ -69,6 +69,10 @@ pub struct StatusInput<'a> {
     pub label_selector: String,
     /// The config hash of the update revision, when `configRollout` is on.
     pub config_hash: Option<String>,
+    /// The last config-driven rollout, when `configRollout` is on.
+    pub config_rollout_time: Option<Time>,
+    /// A config change waiting for the coalescing window or the minimum interval.
+    pub pending_config_since: Option<Time>,
     /// One entry per volumeClaimTemplate.
     pub volume_claim_templates: Vec<VolumeClaimTemplateStatus>,
     /// What the plan waits for, in words.
@@ -148,6 +152,8 @@ pub fn compute(input: &StatusInput<'_>) -> StatusOutcome {
             collision_count: Some(input.collision_count),
             label_selector: Some(input.label_selector.clone()),
             config_hash: input.config_hash.clone(),
+            config_rollout_time: input.config_rollout_time.clone(),
+            pending_config_since: input.pending_config_since.clone(),
             conditions,
             volume_claim_templates: input.volume_claim_templates.clone(),
         },
@@ -443,6 +449,8 @@ mod tests {
             collision_count: 0,
             label_selector: "app=web".into(),
             config_hash: Some("h".into()),
+            config_rollout_time: None,
+            pending_config_since: None,
             volume_claim_templates: vec![],
             waiting: Some("waiting for pod web-2 to be Running and Ready".into()),
             previous,

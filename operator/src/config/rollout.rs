@@ -31,7 +31,7 @@
 //! only loses the pending window and the last rollout time.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::confighash::discovery::SourceName;
 use crate::confighash::rotation::{self, Comparison, Digests, Observed, Recorded};
@@ -39,23 +39,7 @@ use crate::confighash::rotation::{self, Comparison, Digests, Observed, Recorded}
 #[cfg(doc)]
 use appset_crds::keys;
 
-/// Timing of rollouts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Policy {
-    /// How long to gather changes after the first one before rolling.
-    pub window: Duration,
-    /// The shortest time between two rollouts of one workload.
-    pub min_interval: Duration,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            window: Duration::from_secs(5),
-            min_interval: Duration::from_secs(30),
-        }
-    }
-}
+pub use crate::pacing::Policy;
 
 /// What a reconcile knows about a workload's sources now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,6 +212,7 @@ pub fn changed_sources(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const SEC: Duration = Duration::from_secs(1);
 

@@ -118,12 +118,17 @@ impl Options {
     }
 
     /// The AppSet controller's settings. It watches `--namespaces` (every namespace when
-    /// empty); `--namespace-selector` applies to config rollout only.
+    /// empty); `--namespace-selector` applies to config rollout only; `--coalesce-window` and
+    /// `--min-rollout-interval` pace config-driven AppSet revisions too.
     pub fn appset_settings(&self) -> crate::appset::controller::Settings {
         crate::appset::controller::Settings {
             scope: self.scope(),
             concurrency: self.concurrency.max(1),
             instance: Some(self.identity()),
+            pacing: Policy {
+                window: self.coalesce_window,
+                min_interval: self.min_rollout_interval,
+            },
             ..Default::default()
         }
     }
