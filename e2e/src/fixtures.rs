@@ -4,12 +4,15 @@
 //! Manifests are built as JSON (`serde_json::json!`), close to the YAML a user writes, and
 //! adjusted with [`merge`] (a JSON merge: objects merge key by key, anything else replaces).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use appset_crds::{AppSet, keys};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -183,6 +186,56 @@ pub fn revision_of(p: &Pod) -> String {
         .get(keys::CONTROLLER_REVISION_HASH_LABEL)
         .cloned()
         .unwrap_or_default()
+}
+
+/// Waits until the AppSet `name` in `namespace` has exactly the pods `<name>-0 ..
+/// <name>-<n-1>`, all Ready and at the update revision, and its status says so. Returns the
+/// pods by name.
+pub async fn wait_settled(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    n: i32,
+    deadline: Duration,
+) -> Result<BTreeMap<String, Pod>> {
+    let sets: Api<AppSet> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    crate::wait_for(
+        &format!("AppSet {name} settled at {n} Ready pods"),
+        deadline,
+        || async {
+            let set = sets.get(name).await?;
+            let st = set.status.clone().unwrap_or_default();
+            let list = pods
+                .list(&ListParams::default().labels(&format!("{}={name}", keys::APPSET_NAME_LABEL)))
+                .await?;
+            let names: BTreeSet<String> = list.items.iter().map(|p| p.name_any()).collect();
+            let want: BTreeSet<String> = (0..n).map(|o| format!("{name}-{o}")).collect();
+            let update = st.update_revision.clone().unwrap_or_default();
+            let ok = names == want
+                && list
+                    .items
+                    .iter()
+                    .all(|p| is_ready(p) && revision_of(p) == update)
+                && st.ready_replicas == n
+                && st.replicas == n
+                && st.updated_replicas == n
+                && st.observed_generation == set.metadata.generation;
+            Ok(if ok {
+                Ok(list.items.into_iter().map(|p| (p.name_any(), p)).collect())
+            } else {
+                Err(format!(
+                    "pods {names:?}, status replicas {} ready {} updated {} generation {:?}/{:?}",
+                    st.replicas,
+                    st.ready_replicas,
+                    st.updated_replicas,
+                    st.observed_generation,
+                    set.metadata.generation
+                ))
+            })
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -45,7 +45,11 @@ impl TestNamespace {
 
     /// Like [`TestNamespace::new`], with extra labels on the namespace.
     pub async fn with_labels(prefix: &str, labels: &[(&str, &str)]) -> Result<Self> {
-        let client = client().await?;
+        Self::on(client().await?, prefix, labels).await
+    }
+
+    /// Like [`TestNamespace::with_labels`], in the cluster `client` talks to.
+    pub async fn on(client: Client, prefix: &str, labels: &[(&str, &str)]) -> Result<Self> {
         let name = format!("{prefix}-{}", random_suffix());
         let mut all = std::collections::BTreeMap::new();
         all.insert("appset.dev/e2e".to_string(), "true".to_string());

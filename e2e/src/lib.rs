@@ -7,6 +7,7 @@
 //!   returned once ready;
 //! * [`fixtures`]: the manifests (AppSet, StatefulSet, Deployment, ConfigMap, Secret) and small
 //!   object helpers the tests and benchmarks share;
+//! * [`cluster`]: a control plane of a test's own, for fault tests that restart its parts;
 //! * [`process`]: child processes (the real binaries, helm, kubectl) and scratch files.
 //!
 //! ```ignore
@@ -19,6 +20,7 @@
 //! ns.cleanup().await;
 //! ```
 
+pub mod cluster;
 pub mod fixtures;
 pub mod harness;
 pub mod process;

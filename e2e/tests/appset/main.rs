@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use appset_crds::{AppSet, keys};
 use appset_e2e::fixtures::{appset, claimed_set_spec, is_ready, merge, revision_of, statefulset};
 use appset_e2e::runners::AppSetController;
@@ -28,6 +28,7 @@ mod adoption;
 mod basics;
 mod config;
 mod rolling;
+mod safety;
 mod storage;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -35,44 +36,7 @@ const LONG: Duration = Duration::from_secs(120);
 /// Waits until the AppSet has exactly the pods `<name>-0 .. <name>-<n-1>`, all Ready and at the
 /// update revision, and its status says so. Returns the pods by name.
 async fn wait_settled(ns: &TestNamespace, name: &str, n: i32) -> Result<BTreeMap<String, Pod>> {
-    let sets = ns.api::<AppSet>();
-    let pods = ns.api::<Pod>();
-    wait_for(
-        &format!("AppSet {name} settled at {n} Ready pods"),
-        LONG,
-        || async {
-            let set = sets.get(name).await?;
-            let st = set.status.clone().unwrap_or_default();
-            let list = pods
-                .list(&ListParams::default().labels(&format!("{}={name}", keys::APPSET_NAME_LABEL)))
-                .await?;
-            let names: BTreeSet<String> = list.items.iter().map(|p| p.name_any()).collect();
-            let want: BTreeSet<String> = (0..n).map(|o| format!("{name}-{o}")).collect();
-            let update = st.update_revision.clone().unwrap_or_default();
-            let ok = names == want
-                && list
-                    .items
-                    .iter()
-                    .all(|p| is_ready(p) && revision_of(p) == update)
-                && st.ready_replicas == n
-                && st.replicas == n
-                && st.updated_replicas == n
-                && st.observed_generation == set.metadata.generation;
-            Ok(if ok {
-                Ok(list.items.into_iter().map(|p| (p.name_any(), p)).collect())
-            } else {
-                Err(format!(
-                    "pods {names:?}, status replicas {} ready {} updated {} generation {:?}/{:?}",
-                    st.replicas,
-                    st.ready_replicas,
-                    st.updated_replicas,
-                    st.observed_generation,
-                    set.metadata.generation
-                ))
-            })
-        },
-    )
-    .await
+    appset_e2e::fixtures::wait_settled(&ns.client, &ns.name, name, n, LONG).await
 }
 
 async fn claim_names(ns: &TestNamespace) -> Result<BTreeSet<String>> {

@@ -1,0 +1,126 @@
+//! A control plane of a test's own, for fault tests that stop or restart a shared component
+//! (kube-apiserver, etcd) and so must not disturb the other tests.
+//!
+//! [`OwnCluster::up`] runs `e2e/cluster/up.sh` with a state directory `.cluster-<name>` and a
+//! port base of its own; [`OwnCluster::restart`] kills one component with SIGKILL, keeps it
+//! down for a while, and starts it again with the command line it had (read from
+//! `/proc/<pid>/cmdline`), recording the new pid where `down.sh` finds it; dropping the
+//! cluster runs `e2e/cluster/down.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// A local control plane started for one test.
+pub struct OwnCluster {
+    /// The state directory.
+    pub dir: PathBuf,
+    /// Its admin kubeconfig.
+    pub kubeconfig: PathBuf,
+}
+
+impl OwnCluster {
+    /// Brings up a control plane in `.cluster-<name>` on ports from `port_base`.
+    pub fn up(name: &str, port_base: u16) -> Result<Self> {
+        let root = crate::repo_root();
+        let dir = root.join(format!(".cluster-{name}"));
+        let out = Command::new(root.join("e2e/cluster/up.sh"))
+            .env("APPSET_CLUSTER_DIR", &dir)
+            .env("APPSET_PORT_BASE", port_base.to_string())
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .context("run e2e/cluster/up.sh")?;
+        let cluster = Self {
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+        };
+        if !out.status.success() {
+            bail!(
+                "up.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        Ok(cluster)
+    }
+
+    /// An admin client of this cluster.
+    pub async fn client(&self) -> Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// Kills `component` (`kube-apiserver`, `etcd`, …) with SIGKILL, waits `down_for`, and
+    /// starts it again with the same command line. Blocks for `down_for` and more.
+    pub fn restart(&self, component: &str, down_for: Duration) -> Result<()> {
+        restart(&self.dir, component, down_for)
+    }
+}
+
+/// [`OwnCluster::restart`] for the cluster in the state directory `dir` (to run on a blocking
+/// thread).
+pub fn restart(dir: &Path, component: &str, down_for: Duration) -> Result<()> {
+    let pid_file = dir.join("pids").join(component);
+    let pid = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("read {}", pid_file.display()))?
+        .trim()
+        .to_string();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("{component} (pid {pid}) is not running"))?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let Some((program, rest)) = args.split_first() else {
+        bail!("{component} has an empty command line");
+    };
+    let status = Command::new("kill").args(["-KILL", &pid]).status()?;
+    if !status.success() {
+        bail!("kill -9 {component} ({pid}) failed");
+    }
+    // Wait until it is really gone before the clock of its absence starts.
+    for _ in 0..100 {
+        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(down_for);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{component}.log")))?;
+    let child = Command::new("setsid")
+        .arg(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("restart {component}"))?;
+    std::fs::write(&pid_file, child.id().to_string())?;
+    Ok(())
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(crate::repo_root().join("e2e/cluster/down.sh"))
+            .env("APPSET_CLUSTER_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,357 @@
+//! Fault tests of the AppSet controller, each printing what it saw.
+//!
+//! * kill -9 of the real `appset-operator` binary at ten random points of a 20-replica rolling
+//!   update (OrderedReady, then Parallel with `maxUnavailable: 3`), restarting it each time: the
+//!   rollout completes, no claim is deleted, and a watch never sees more replicas missing or
+//!   terminating at once than `maxUnavailable` allows. These run on the shared cluster: they
+//!   kill only their own operator process.
+//! * kube-apiserver, then etcd, restarted in the middle of a rollout: the operator recovers
+//!   without a restart of its own and the rollout completes. This one stops shared components,
+//!   so it brings up a control plane of its own (`.cluster-chaos`, ports from 16740).
+//!
+//! The random kill points come from a seed printed at the start (`APPSET_CHAOS_SEED` replays
+//! one).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use appset_crds::AppSet;
+use appset_e2e::cluster::OwnCluster;
+use appset_e2e::fixtures::{appset, wait_settled};
+use appset_e2e::process::{Process, binary, free_port, scratch_dir};
+use appset_e2e::{TestNamespace, wait_for};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// Starts the operator binary for `ns` against `kubeconfig`.
+fn operator(kubeconfig: &Path, ns: &str, log: &Path) -> Result<Process> {
+    Process::start(
+        &binary("appset-operator")?,
+        &[
+            "--namespaces",
+            ns,
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()?),
+            "--log-format",
+            "text",
+        ],
+        &[
+            ("KUBECONFIG", &kubeconfig.to_string_lossy()),
+            ("POD_NAMESPACE", ns),
+            ("RUST_LOG", "info"),
+        ],
+        log.to_path_buf(),
+    )
+}
+
+fn kubeconfig_from_env() -> Result<std::path::PathBuf> {
+    Ok(std::env::var_os("KUBECONFIG")
+        .context("KUBECONFIG; run the suite through `make e2e`")?
+        .into())
+}
+
+/// A small deterministic generator for the kill points (SplitMix64).
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Self {
+        let seed = std::env::var("APPSET_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(42)
+            });
+        println!("chaos seed {seed} (APPSET_CHAOS_SEED={seed} replays it)");
+        Self(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A duration between `lo` and `hi` milliseconds.
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo).max(1))
+    }
+}
+
+/// What the watches saw during a fault test.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The most replicas missing or terminating at once.
+    max_down: usize,
+    /// Claims that started terminating or were deleted.
+    claims_deleted: Vec<String>,
+    /// Moments two pod objects of one ordinal existed at once.
+    same_ordinal: usize,
+}
+
+/// Watches pods and claims of `ns` until aborted.
+fn watch(
+    client: &Client,
+    ns: &str,
+    replicas: usize,
+) -> (Arc<Mutex<Seen>>, Vec<tokio::task::JoinHandle<()>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pod_task = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            // name → (ordinal label, live)
+            let mut present: BTreeMap<String, (String, bool)> = BTreeMap::new();
+            let mut synced = false;
+            let mut stream = watcher(pods, watcher::Config::default()).boxed();
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                        let ordinal = p
+                            .labels()
+                            .get("apps.kubernetes.io/pod-index")
+                            .cloned()
+                            .unwrap_or_default();
+                        present.insert(
+                            p.name_any(),
+                            (ordinal, p.metadata.deletion_timestamp.is_none()),
+                        );
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        present.remove(&p.name_any());
+                    }
+                    Ok(watcher::Event::InitDone) => synced = true,
+                    _ => continue,
+                }
+                if !synced {
+                    continue;
+                }
+                let Ok(mut s) = seen.lock() else { return };
+                let live = present.values().filter(|(_, live)| *live).count();
+                s.max_down = s.max_down.max(replicas.saturating_sub(live));
+                let mut ordinals: Vec<&String> = present.values().map(|(o, _)| o).collect();
+                let n = ordinals.len();
+                ordinals.sort();
+                ordinals.dedup();
+                if ordinals.len() != n {
+                    s.same_ordinal += 1;
+                }
+            }
+        })
+    };
+    let claim_task = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut stream = watcher(claims, watcher::Config::default()).boxed();
+            while let Some(ev) = stream.next().await {
+                let c = match ev {
+                    Ok(watcher::Event::Apply(c)) if c.metadata.deletion_timestamp.is_some() => c,
+                    Ok(watcher::Event::Delete(c)) => c,
+                    _ => continue,
+                };
+                if let Ok(mut s) = seen.lock()
+                    && !s.claims_deleted.contains(&c.name_any())
+                {
+                    s.claims_deleted.push(c.name_any());
+                }
+            }
+        })
+    };
+    (seen, vec![pod_task, claim_task])
+}
+
+/// A 20-replica rolling update with the operator killed (SIGKILL) and restarted at ten random
+/// points. Returns (rollout seconds, what the watches saw).
+async fn rollout_under_kill_9(
+    prefix: &str,
+    policy: &str,
+    max_unavailable: i32,
+) -> Result<(f64, Seen)> {
+    let ns = TestNamespace::new(prefix).await?;
+    let kubeconfig = kubeconfig_from_env()?;
+    let dir = scratch_dir(&ns.name)?;
+    let replicas = 20;
+    let mut op = operator(&kubeconfig, &ns.name, &dir.join("operator-0.log"))?;
+    let extra = json!({"podManagementPolicy": policy,
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable}}});
+    ns.api::<AppSet>()
+        .create(&PostParams::default(), &appset("db", replicas, extra)?)
+        .await?;
+    wait_settled(&ns.client, &ns.name, "db", replicas, DEADLINE)
+        .await
+        .with_context(|| op.log_tail())?;
+    let (seen, tasks) = watch(&ns.client, &ns.name, replicas as usize);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut rng = Rng::seeded();
+    let start = Instant::now();
+    ns.api::<AppSet>()
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"metadata": {"labels": {"app": "db", "release": "2"}}}}})),
+        )
+        .await?;
+    for k in 1..=10 {
+        tokio::time::sleep(rng.millis(200, 2500)).await;
+        ensure!(
+            op.running(),
+            "the operator exited on its own: {}",
+            op.log_tail()
+        );
+        op.kill();
+        op = operator(
+            &kubeconfig,
+            &ns.name,
+            &dir.join(format!("operator-{k}.log")),
+        )?;
+    }
+    wait_settled(&ns.client, &ns.name, "db", replicas, DEADLINE)
+        .await
+        .with_context(|| op.log_tail())?;
+    let took = start.elapsed().as_secs_f64();
+    for t in tasks {
+        t.abort();
+    }
+    let seen = seen
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .unwrap_or_default();
+    drop(op);
+    ns.cleanup().await;
+    Ok((took, seen))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_ordered_ready_rollout_loses_nothing() -> Result<()> {
+    let (took, seen) = rollout_under_kill_9("chaos-ordered", "OrderedReady", 1).await?;
+    println!(
+        "chaos OrderedReady, 20 replicas, 10 x kill -9: rollout {took:.1}s, max replicas down {}, claims deleted {}, same-ordinal overlaps {}",
+        seen.max_down,
+        seen.claims_deleted.len(),
+        seen.same_ordinal
+    );
+    assert!(seen.max_down <= 1, "{seen:?}");
+    assert!(seen.claims_deleted.is_empty(), "{seen:?}");
+    assert_eq!(seen.same_ordinal, 0, "{seen:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_parallel_rollout_keeps_the_budget() -> Result<()> {
+    let (took, seen) = rollout_under_kill_9("chaos-parallel", "Parallel", 3).await?;
+    println!(
+        "chaos Parallel maxUnavailable 3, 20 replicas, 10 x kill -9: rollout {took:.1}s, max replicas down {}, claims deleted {}, same-ordinal overlaps {}",
+        seen.max_down,
+        seen.claims_deleted.len(),
+        seen.same_ordinal
+    );
+    assert!(seen.max_down <= 3, "{seen:?}");
+    assert!(seen.claims_deleted.is_empty(), "{seen:?}");
+    assert_eq!(seen.same_ordinal, 0, "{seen:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| OwnCluster::up("chaos", 16740)).await??;
+    let client = cluster.client().await?;
+    let ns = TestNamespace::on(client.clone(), "chaos-restart", &[]).await?;
+    let dir = scratch_dir(&ns.name)?;
+    let mut op = operator(&cluster.kubeconfig, &ns.name, &dir.join("operator.log"))?;
+    let replicas = 6;
+    ns.api::<AppSet>()
+        .create(
+            &PostParams::default(),
+            &appset(
+                "db",
+                replicas,
+                json!({"podManagementPolicy": "OrderedReady"}),
+            )?,
+        )
+        .await?;
+    wait_settled(&client, &ns.name, "db", replicas, DEADLINE)
+        .await
+        .with_context(|| op.log_tail())?;
+    let (seen, tasks) = watch(&client, &ns.name, replicas as usize);
+    let sets = ns.api::<AppSet>();
+    let start = Instant::now();
+    sets.patch(
+        "db",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"spec": {"template": {"metadata": {"labels": {"app": "db", "release": "2"}}}}}),
+        ),
+    )
+    .await?;
+    wait_for("the rollout under way", DEADLINE, || async {
+        let st = sets.get("db").await?.status.unwrap_or_default();
+        Ok(if st.updated_replicas >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{} updated", st.updated_replicas))
+        })
+    })
+    .await?;
+    let restart = |component: &'static str| {
+        let dir = cluster.dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                appset_e2e::cluster::restart(&dir, component, Duration::from_secs(3))
+            })
+            .await?
+        }
+    };
+    restart("kube-apiserver").await?;
+    wait_for("the API server back", DEADLINE, || async {
+        Ok(match sets.get("db").await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        })
+    })
+    .await?;
+    let api_back = Instant::now();
+    restart("etcd").await?;
+    let etcd_back = Instant::now();
+    wait_settled(&client, &ns.name, "db", replicas, DEADLINE)
+        .await
+        .with_context(|| op.log_tail())?;
+    let recovered = etcd_back.elapsed().as_secs_f64();
+    for t in tasks {
+        t.abort();
+    }
+    let seen = seen
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .unwrap_or_default();
+    println!(
+        "chaos restarts: kube-apiserver down 3s (back after {:.1}s), etcd down 3s; rollout done {recovered:.1}s after etcd came back, {:.1}s in all; operator restarts 0; max replicas down {}, claims deleted {}",
+        api_back.duration_since(start).as_secs_f64(),
+        start.elapsed().as_secs_f64(),
+        seen.max_down,
+        seen.claims_deleted.len()
+    );
+    ensure!(op.running(), "the operator exited: {}", op.log_tail());
+    assert!(
+        recovered <= 30.0,
+        "the rollout took {recovered:.1}s to complete after etcd came back"
+    );
+    assert!(seen.claims_deleted.is_empty(), "{seen:?}");
+    assert!(seen.max_down <= 1, "{seen:?}");
+    drop(op);
+    drop(cluster);
+    Ok(())
+}
