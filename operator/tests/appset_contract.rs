@@ -403,3 +403,54 @@ async fn a_claim_changed_since_it_was_read_is_not_expanded_blindly() {
         "{template:?}"
     );
 }
+
+#[tokio::test]
+async fn claims_are_listed_by_the_set_label_and_an_unlabelled_one_is_adopted_on_create() {
+    let w = World::new(json!({}));
+    // A claim left by a StatefulSet of the same name: right name, no label. Another claim of
+    // the namespace, not the set's.
+    w.fake.put(
+        CLAIMS,
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data-web-0", "namespace": "ns", "uid": "old-claim",
+                            "resourceVersion": "3"},
+               "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                        "resources": {"requests": {"storage": "1Gi"}}}}),
+    );
+    w.reconcile().await.expect("the reconcile succeeds");
+    let list = w
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET" && r.path == CLAIMS)
+        .expect("a claim list");
+    assert!(
+        list.query
+            .contains("labelSelector=appset.dev%2Fappset%3Dweb"),
+        "{}",
+        list.query
+    );
+    assert_eq!(
+        w.lines(),
+        vec![
+            format!("GET {REVISIONS}"),
+            format!("POST {REVISIONS}"),
+            format!("GET {PODS}"),
+            format!("GET {CLAIMS}"),
+            format!("POST {CLAIMS}"),
+            format!("GET {CLAIMS}/data-web-0"),
+            format!("PATCH {CLAIMS}/data-web-0"),
+            format!("POST {CLAIMS}"),
+            format!("POST {PODS}"),
+            format!("POST {PODS}"),
+            format!("PATCH {SETS}/web/status"),
+        ],
+        "the existing claim is taken over, not recreated"
+    );
+    let adopted = w.fake.get(CLAIMS, "data-web-0").expect("the claim");
+    assert_eq!(adopted["metadata"]["uid"], "old-claim");
+    assert_eq!(adopted["metadata"]["labels"]["appset.dev/appset"], "web");
+    let patch = w.request("PATCH", &format!("{CLAIMS}/data-web-0"));
+    assert_eq!(patch.body["metadata"]["resourceVersion"], "3");
+    assert!(w.fake.events().contains(&"AdoptedClaim".to_string()));
+}

@@ -22,15 +22,15 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use appset_crds::AppSet;
 use appset_crds::appset::{AppSetStatus, VolumeClaimTemplateStatus};
+use appset_crds::{AppSet, keys};
 
-use super::build;
 use super::controller::{Context, Error, kube_err};
 use super::observe::{Claim, Target};
 use super::plan::{DeleteReason, Plan};
 use super::revision::UpdateRevision;
 use super::storage::{self, ClaimChange};
+use super::{adopt, build};
 use crate::kubeapi::{
     apply_params, bounded, is_conflict, is_controlled_by, is_not_found, merge_params, post_params,
     slow_start,
@@ -181,7 +181,9 @@ pub async fn plan(
                     .await;
                     Ok(())
                 }
-                Err(e) if is_conflict(&e) => Ok(()),
+                // It exists without the set's label: take it over, as StatefulSet uses the
+                // claims it finds under its names.
+                Err(e) if is_conflict(&e) => adopt_claim(ctx, set, t, &c.name).await.map(|_| ()),
                 Err(e) => Err(kube_err(format!(
                     "create PersistentVolumeClaim {}/{}",
                     t.ns, c.name
@@ -243,6 +245,45 @@ pub async fn plan(
     })
     .await
     .map(|_| ())
+}
+
+/// Takes over an existing claim of one of the set's names that creating it ran into: labels it
+/// (guarded by its `resourceVersion`) so that later lists find it, and reports it. Returns
+/// whether it is usable: a claim being deleted is not adopted.
+async fn adopt_claim(ctx: &Context, set: &AppSet, t: &Target, name: &str) -> Result<bool, Error> {
+    let api: Api<PersistentVolumeClaim> = t.api(ctx);
+    let Some(claim) = api.get_opt(name).await.map_err(kube_err(format!(
+        "read PersistentVolumeClaim {}/{name}",
+        t.ns
+    )))?
+    else {
+        return Ok(false);
+    };
+    if claim.metadata.deletion_timestamp.is_some() {
+        return Ok(false);
+    }
+    if !adopt::claim_needs_label(&t.name, &claim) {
+        return Ok(true);
+    }
+    let patch = json!({"metadata": {
+        "labels": {keys::APPSET_NAME_LABEL: t.name},
+        "resourceVersion": claim.resource_version(),
+    }});
+    api.patch(name, &merge_params(), &Patch::Merge(patch))
+        .await
+        .map_err(kube_err(format!(
+            "adopt PersistentVolumeClaim {}/{name}",
+            t.ns
+        )))?;
+    ctx.event(
+        set,
+        EventType::Normal,
+        "AdoptedClaim",
+        "Adopt",
+        format!("adopted the existing PersistentVolumeClaim {name}"),
+    )
+    .await;
+    Ok(true)
 }
 
 /// The Event text for a pod deletion.

@@ -24,7 +24,6 @@ use super::plan::{self, ClaimInfo, PodInfo, PodPhase};
 use super::{build, revision};
 use crate::confighash::rotation::{self, Digests, Recorded};
 use crate::confighash::{discovery, fetch};
-use futures::StreamExt;
 
 use crate::kubeapi::{is_controlled_by, merge_params};
 
@@ -176,9 +175,13 @@ pub async fn claims(
     if templates.is_empty() {
         return Ok(claims);
     }
+    // Only the set's own (labelled) claims: a namespace may hold thousands of others. A claim
+    // of the right name but without the label (left by a StatefulSet, or created by hand for a
+    // new ordinal) is adopted when creating it finds it there (`execute::plan`).
     let api: Api<PersistentVolumeClaim> = t.api(ctx);
+    let labelled = ListParams::default().labels(&format!("{}={}", keys::APPSET_NAME_LABEL, t.name));
     let all = api
-        .list(&ListParams::default())
+        .list(&labelled)
         .await
         .map_err(kube_err(format!("list PersistentVolumeClaims in {}", t.ns)))?
         .items;
@@ -194,53 +197,6 @@ pub async fn claims(
                 },
             );
         }
-    }
-    // Label in bursts; keep what the API server returns, so later patches guarded by
-    // `resourceVersion` in this reconcile see the labelled claim.
-    let unlabelled: Vec<(String, Option<String>)> = claims
-        .iter()
-        .filter(|(_, c)| adopt::claim_needs_label(&t.name, &c.claim))
-        .map(|(n, c)| (n.clone(), c.claim.resource_version()))
-        .collect();
-    let labelled: Vec<Result<PersistentVolumeClaim, Error>> = futures::stream::iter(unlabelled)
-        .map(|(cname, rv)| {
-            let api = api.clone();
-            let patch = json!({"metadata": {
-                "labels": {keys::APPSET_NAME_LABEL: t.name},
-                "resourceVersion": rv,
-            }});
-            async move {
-                api.patch(&cname, &merge_params(), &Patch::Merge(patch))
-                    .await
-                    .map_err(kube_err(format!(
-                        "adopt PersistentVolumeClaim {}/{cname}",
-                        t.ns
-                    )))
-            }
-        })
-        .buffer_unordered(ctx.settings.burst.max(1))
-        .collect()
-        .await;
-    let mut adopted = 0;
-    for result in labelled {
-        let c = result?;
-        if let Some(entry) = claims.get_mut(&c.name_any()) {
-            entry.claim = c;
-            adopted += 1;
-        }
-    }
-    if adopted > 0 {
-        ctx.event(
-            set,
-            EventType::Normal,
-            "AdoptedClaims",
-            "Adopt",
-            format!(
-                "adopted {adopted} existing PersistentVolumeClaims named <template>-{}-<ordinal>",
-                t.name
-            ),
-        )
-        .await;
     }
     Ok(claims)
 }

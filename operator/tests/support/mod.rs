@@ -250,6 +250,21 @@ fn not_found(name: &str) -> (u16, Value) {
     )
 }
 
+/// The `key=value` terms of the query's `labelSelector` (the only form the controllers send).
+fn label_selector(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "labelSelector")
+        .flat_map(|(_, sel)| {
+            sel.split(',')
+                .filter_map(|term| {
+                    term.split_once('=')
+                        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Whether `wanted` is a resourceVersion precondition that `obj` no longer meets.
 fn stale(obj: &Value, wanted: &Value) -> bool {
     wanted.is_string() && *wanted != obj["metadata"]["resourceVersion"]
@@ -276,11 +291,23 @@ fn answer(state: &Mutex<State>, request: Request) -> (u16, Value) {
     let (collection, name, _sub) = split(&request.path);
     let objects = st.objects.entry(collection).or_default();
     match (request.method.as_str(), name) {
-        ("GET", None) => (
-            200,
-            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv},
-                   "items": objects.values().cloned().collect::<Vec<_>>()}),
-        ),
+        ("GET", None) => {
+            let selector = label_selector(&request.query);
+            let items: Vec<Value> = objects
+                .values()
+                .filter(|o| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| o["metadata"]["labels"][k.as_str()] == v.as_str())
+                })
+                .cloned()
+                .collect();
+            (
+                200,
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv},
+                       "items": items}),
+            )
+        }
         ("GET", Some(name)) => match objects.get(&name) {
             Some(o) => (200, o.clone()),
             None => not_found(&name),
@@ -342,6 +369,15 @@ fn answer(state: &Mutex<State>, request: Request) -> (u16, Value) {
             json!({"kind": "Status", "status": "Failure", "code": 405}),
         ),
     }
+}
+
+#[test]
+fn label_selectors_are_decoded() {
+    assert_eq!(
+        label_selector("&labelSelector=appset.dev%2Fappset%3Dweb"),
+        vec![("appset.dev/appset".to_string(), "web".to_string())]
+    );
+    assert!(label_selector("&fieldManager=x").is_empty());
 }
 
 #[test]
