@@ -19,3 +19,4 @@ if [[ -z "${KUBECONFIG:-}" ]]; then
 fi
 cargo run --release -q -p appset-e2e --bin config-rollout-bench -- "$@"
 cargo run --release -q -p appset-e2e --bin appset-bench
+cargo run --release -q -p appset-e2e --bin appset-scale-bench

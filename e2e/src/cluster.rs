@@ -78,9 +78,11 @@ pub fn restart(dir: &Path, component: &str, down_for: Duration) -> Result<()> {
         .to_string();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
         .with_context(|| format!("{component} (pid {pid}) is not running"))?;
+    // NUL-separated and NUL-terminated; empty arguments (`--listen-metrics-urls ""`) are
+    // arguments too.
+    let cmdline = cmdline.strip_suffix(&[0]).unwrap_or(&cmdline);
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     let Some((program, rest)) = args.split_first() else {

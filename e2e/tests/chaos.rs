@@ -7,7 +7,7 @@
 //!   kill only their own operator process.
 //! * kube-apiserver, then etcd, restarted in the middle of a rollout: the operator recovers
 //!   without a restart of its own and the rollout completes. This one stops shared components,
-//!   so it brings up a control plane of its own (`.cluster-chaos`, ports from 16740).
+//!   so it brings up a control plane of its own (`.cluster-chaos`, ports from 16840).
 //!
 //! The random kill points come from a seed printed at the start (`APPSET_CHAOS_SEED` replays
 //! one).
@@ -267,7 +267,7 @@ async fn kill_9_during_a_parallel_rollout_keeps_the_budget() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()> {
-    let cluster = tokio::task::spawn_blocking(|| OwnCluster::up("chaos", 16740)).await??;
+    let cluster = tokio::task::spawn_blocking(|| OwnCluster::up("chaos", 16840)).await??;
     let client = cluster.client().await?;
     let ns = TestNamespace::on(client.clone(), "chaos-restart", &[]).await?;
     let dir = scratch_dir(&ns.name)?;
@@ -338,9 +338,10 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
         .map(|mut s| std::mem::take(&mut *s))
         .unwrap_or_default();
     println!(
-        "chaos restarts: kube-apiserver down 3s (back after {:.1}s), etcd down 3s; rollout done {recovered:.1}s after etcd came back, {:.1}s in all; operator restarts 0; max replicas down {}, claims deleted {}",
+        "chaos restarts: kube-apiserver down 3s (back after {:.1}s), etcd down 3s; rollout done {recovered:.1}s after etcd came back, {:.1}s in all; operator process still running (never restarted): {}; max replicas down {}, claims deleted {}",
         api_back.duration_since(start).as_secs_f64(),
         start.elapsed().as_secs_f64(),
+        op.running(),
         seen.max_down,
         seen.claims_deleted.len()
     );

@@ -178,6 +178,23 @@ where
     Ok(next)
 }
 
+/// How long one reconcile may take before it is abandoned and retried. A request to an API
+/// server whose etcd went away can hang until the client's read timeout (minutes); kube runs
+/// one reconcile per object at a time, so without a deadline that object would wait as long.
+/// Every reconcile step is idempotent and guarded, so abandoning one half-way is safe: the next
+/// one observes what was done.
+pub const RECONCILE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Runs `reconcile` within [`RECONCILE_DEADLINE`]; past it, `timed_out()` is the error.
+pub async fn within_deadline<T, E>(
+    reconcile: impl Future<Output = Result<T, E>>,
+    timed_out: impl FnOnce() -> E,
+) -> Result<T, E> {
+    tokio::time::timeout(RECONCILE_DEADLINE, reconcile)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
+}
+
 /// Whether the object's controller owner reference names `uid`: `None` when it has no
 /// controller at all (an orphan that may be adopted).
 pub fn is_controlled_by(meta: &ObjectMeta, uid: &str) -> Option<bool> {

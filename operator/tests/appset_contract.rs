@@ -173,6 +173,7 @@ async fn scale_up_creates_the_revision_then_each_claim_before_the_pods_then_the_
     assert_eq!(
         w.lines(),
         vec![
+            format!("GET {SETS}/web"),
             format!("GET {REVISIONS}"),
             format!("POST {REVISIONS}"),
             format!("GET {PODS}"),
@@ -245,6 +246,7 @@ async fn a_settled_set_reads_only_and_does_not_rewrite_an_unchanged_status() {
     assert_eq!(
         w.lines(),
         vec![
+            format!("GET {SETS}/web"),
             format!("GET {REVISIONS}"),
             format!("GET {PODS}"),
             format!("GET {CLAIMS}"),
@@ -265,6 +267,7 @@ async fn a_rolling_update_step_deletes_the_highest_old_pod_guarded_by_its_uid() 
     assert_eq!(
         w.lines(),
         vec![
+            format!("GET {SETS}/web"),
             format!("GET {REVISIONS}"),
             format!("POST {REVISIONS}"),
             format!("GET {PODS}"),
@@ -334,6 +337,7 @@ async fn raising_a_claim_template_expands_bound_claims_with_a_resource_version_p
     assert_eq!(
         w.lines(),
         vec![
+            format!("GET {SETS}/web"),
             format!("GET {REVISIONS}"),
             format!("GET {PODS}"),
             format!("GET {CLAIMS}"),
@@ -433,6 +437,7 @@ async fn claims_are_listed_by_the_set_label_and_an_unlabelled_one_is_adopted_on_
     assert_eq!(
         w.lines(),
         vec![
+            format!("GET {SETS}/web"),
             format!("GET {REVISIONS}"),
             format!("POST {REVISIONS}"),
             format!("GET {PODS}"),

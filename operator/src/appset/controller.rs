@@ -60,6 +60,9 @@ pub enum Error {
     /// The AppSet cannot be handled as it is.
     #[error("{0}")]
     Invalid(String),
+    /// The reconcile did not finish within [`kubeapi::RECONCILE_DEADLINE`].
+    #[error("the reconcile did not finish within {0:?} (is the API server answering?); retrying")]
+    Timeout(Duration),
 }
 
 /// Wraps an API error with what was being done.
@@ -289,9 +292,11 @@ fn error_policy(set: Arc<AppSet>, err: &Error, ctx: Arc<Context>) -> Action {
 pub async fn reconcile(set: Arc<AppSet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let span =
         info_span!("reconcile_appset", appset = %set.name_any(), namespace = ?set.namespace());
-    let result = super::reconcile::reconcile(&set, &ctx)
-        .instrument(span)
-        .await;
+    let result = kubeapi::within_deadline(
+        super::reconcile::reconcile(&set, &ctx).instrument(span),
+        || Error::Timeout(kubeapi::RECONCILE_DEADLINE),
+    )
+    .await;
     if (result.is_ok() || set.metadata.deletion_timestamp.is_some())
         && let Ok(mut f) = ctx.failures.lock()
     {

@@ -201,6 +201,17 @@ pub async fn claims(
     Ok(claims)
 }
 
+/// The AppSet as the API server has it now, `None` when it is gone, or replaced by another
+/// object of the same name.
+pub async fn fresh(ctx: &Context, t: &Target) -> Result<Option<AppSet>, Error> {
+    let set = t
+        .api::<AppSet>(ctx)
+        .get_opt(&t.name)
+        .await
+        .map_err(kube_err(format!("read AppSet {}/{}", t.ns, t.name)))?;
+    Ok(set.filter(|s| s.uid().as_deref() == Some(t.uid.as_str())))
+}
+
 /// The names of the AppSet's volumeClaimTemplates.
 pub fn template_names(set: &AppSet) -> Vec<String> {
     set.spec

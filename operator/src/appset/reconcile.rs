@@ -1,6 +1,8 @@
 //! One reconcile of an AppSet, as a short sequence of named steps. Each step either reads
 //! ([`observe`]), decides (the pure modules) or writes ([`execute`]):
 //!
+//! 0. **Fresh read**: GET the AppSet, so that the status it decides from (current revision,
+//!    collision count, pacing) is what the last reconcile wrote, not a cache's older copy.
 //! 1. **Service**: apply the headless Service when `service: Managed`.
 //! 2. **Config**: with `configRollout`, the digest of the ConfigMaps and Secrets the template
 //!    references ([`observe::config_hash`]), paced by [`pacing::pace`]: a change is taken once
@@ -46,8 +48,14 @@ struct Revisions {
 }
 
 /// Reconciles one AppSet; the caller adds the tracing span and the backoff.
-pub async fn reconcile(set: &AppSet, ctx: &Context) -> Result<Action, Error> {
-    let t = Target::of(set)?;
+pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> {
+    let t = Target::of(cached)?;
+    // The cached copy may lag behind the status this controller wrote last: read the AppSet
+    // afresh, so that `currentRevision` and `collisionCount` are never stale.
+    let Some(fresh) = observe::fresh(ctx, &t).await? else {
+        return Ok(Action::await_change());
+    };
+    let set = &fresh;
     if set.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }

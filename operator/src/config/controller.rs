@@ -67,6 +67,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The reconcile did not finish within [`kubeapi::RECONCILE_DEADLINE`].
+    #[error("the reconcile did not finish within {0:?} (is the API server answering?); retrying")]
+    Timeout(Duration),
 }
 
 /// Where and how the controller works.
@@ -251,9 +254,11 @@ async fn publish<K: Workload>(
 pub async fn reconcile<K: Workload>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let wref = workload_ref(obj.as_ref());
     let span = info_span!("reconcile", kind = K::KIND.as_str(), namespace = %wref.namespace, name = %wref.name);
-    reconcile_inner(obj.as_ref(), &ctx, &wref)
-        .instrument(span)
-        .await
+    kubeapi::within_deadline(
+        reconcile_inner(obj.as_ref(), &ctx, &wref).instrument(span),
+        || Error::Timeout(kubeapi::RECONCILE_DEADLINE),
+    )
+    .await
 }
 
 /// What one reconcile found: the digests of the data now and what the workload records.
