@@ -2,7 +2,7 @@
 //! (kube-apiserver, etcd) and so must not disturb the other tests.
 //!
 //! [`OwnCluster::up`] runs `e2e/cluster/up.sh` with a state directory `.cluster-<name>` and a
-//! port base of its own; [`OwnCluster::restart`] kills one component with SIGKILL, keeps it
+//! port base of its own; [`OwnCluster::restart`] stops one component with a signal, keeps it
 //! down for a while, and starts it again with the command line it had (read from
 //! `/proc/<pid>/cmdline`), recording the new pid where `down.sh` finds it; dropping the
 //! cluster runs `e2e/cluster/down.sh`.
@@ -61,16 +61,17 @@ impl OwnCluster {
         Ok(Client::try_from(config)?)
     }
 
-    /// Kills `component` (`kube-apiserver`, `etcd`, …) with SIGKILL, waits `down_for`, and
-    /// starts it again with the same command line. Blocks for `down_for` and more.
-    pub fn restart(&self, component: &str, down_for: Duration) -> Result<()> {
-        restart(&self.dir, component, down_for)
+    /// Stops `component` (`kube-apiserver`, `etcd`, …) with `signal` (`KILL`, `TERM`), waits
+    /// `down_for`, and starts it again with the same command line. Blocks for `down_for` and
+    /// more.
+    pub fn restart(&self, component: &str, signal: &str, down_for: Duration) -> Result<()> {
+        restart(&self.dir, component, signal, down_for)
     }
 }
 
 /// [`OwnCluster::restart`] for the cluster in the state directory `dir` (to run on a blocking
 /// thread).
-pub fn restart(dir: &Path, component: &str, down_for: Duration) -> Result<()> {
+pub fn restart(dir: &Path, component: &str, signal: &str, down_for: Duration) -> Result<()> {
     let pid_file = dir.join("pids").join(component);
     let pid = std::fs::read_to_string(&pid_file)
         .with_context(|| format!("read {}", pid_file.display()))?
@@ -88,9 +89,11 @@ pub fn restart(dir: &Path, component: &str, down_for: Duration) -> Result<()> {
     let Some((program, rest)) = args.split_first() else {
         bail!("{component} has an empty command line");
     };
-    let status = Command::new("kill").args(["-KILL", &pid]).status()?;
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()?;
     if !status.success() {
-        bail!("kill -9 {component} ({pid}) failed");
+        bail!("kill -{signal} {component} ({pid}) failed");
     }
     // Wait until it is really gone before the clock of its absence starts.
     for _ in 0..100 {

@@ -5,7 +5,7 @@
 //!   rollout completes, no claim is deleted, and a watch never sees more replicas missing or
 //!   terminating at once than `maxUnavailable` allows. These run on the shared cluster: they
 //!   kill only their own operator process.
-//! * kube-apiserver, then etcd, restarted in the middle of a rollout: the operator recovers
+//! * kube-apiserver (SIGKILL), then etcd (SIGTERM), restarted in the middle of a rollout: the operator recovers
 //!   without a restart of its own and the rollout completes. This one stops shared components,
 //!   so it brings up a control plane of its own (`.cluster-chaos`, ports from 16840).
 //!
@@ -306,16 +306,19 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
         })
     })
     .await?;
-    let restart = |component: &'static str| {
+    let restart = |component: &'static str, signal: &'static str| {
         let dir = cluster.dir.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                appset_e2e::cluster::restart(&dir, component, Duration::from_secs(3))
+                appset_e2e::cluster::restart(&dir, component, signal, Duration::from_secs(3))
             })
             .await?
         }
     };
-    restart("kube-apiserver").await?;
+    // The API server is killed outright; etcd is stopped cleanly (SIGTERM): the local etcd runs
+    // with --unsafe-no-fsync, and a SIGKILL of it loses its last writes, which no production
+    // etcd does.
+    restart("kube-apiserver", "KILL").await?;
     wait_for("the API server back", DEADLINE, || async {
         Ok(match sets.get("db").await {
             Ok(_) => Ok(()),
@@ -324,7 +327,7 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
     })
     .await?;
     let api_back = Instant::now();
-    restart("etcd").await?;
+    restart("etcd", "TERM").await?;
     let etcd_back = Instant::now();
     wait_settled(&client, &ns.name, "db", replicas, DEADLINE)
         .await
@@ -338,7 +341,7 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
         .map(|mut s| std::mem::take(&mut *s))
         .unwrap_or_default();
     println!(
-        "chaos restarts: kube-apiserver down 3s (back after {:.1}s), etcd down 3s; rollout done {recovered:.1}s after etcd came back, {:.1}s in all; operator process still running (never restarted): {}; max replicas down {}, claims deleted {}",
+        "chaos restarts: kube-apiserver killed, down 3s (back after {:.1}s), etcd stopped, down 3s; rollout done {recovered:.1}s after etcd came back, {:.1}s in all; operator process still running (never restarted): {}; max replicas down {}, claims deleted {}",
         api_back.duration_since(start).as_secs_f64(),
         start.elapsed().as_secs_f64(),
         op.running(),

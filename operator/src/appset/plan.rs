@@ -328,6 +328,18 @@ impl Plan {
 /// The longest an AppSet goes without a reconcile, even when nothing changes.
 pub const MAX_REQUEUE_SECONDS: i64 = 300;
 
+/// How soon an AppSet with work in flight (this plan acted, or waits for a pod or a claim) is
+/// looked at again, even if no watch event comes: a watch can go quiet for minutes after an API
+/// server or etcd restart, and a rollout must not wait for it.
+pub const BUSY_RECHECK_SECONDS: i64 = 5;
+
+impl Plan {
+    /// When to look again for this plan's sake: soon while work is in flight, else never.
+    pub fn recheck_after(&self) -> Option<i64> {
+        (!self.is_empty() || self.waiting.is_some()).then_some(BUSY_RECHECK_SECONDS)
+    }
+}
+
 /// When to reconcile again: the soonest of the given delays (a pod becoming available, a
 /// progress deadline), at least one second, and at most [`MAX_REQUEUE_SECONDS`].
 pub fn requeue_after(delays: impl IntoIterator<Item = Option<i64>>) -> i64 {

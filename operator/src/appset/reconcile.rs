@@ -147,6 +147,7 @@ pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> 
     }
     let after = plan::requeue_after([
         decided.requeue_after,
+        decided.recheck_after(),
         outcome.check_deadline_after,
         paced.wait,
     ]);

@@ -1322,3 +1322,22 @@ fn a_huge_replicas_plans_a_bounded_batch_and_walks_no_empty_range() {
         }
     }
 }
+
+#[test]
+fn work_in_flight_is_rechecked_soon_a_settled_set_rarely() {
+    let settled = all_ready(Parallel, 3, NEW);
+    let p = plan(&settled);
+    assert!(p.is_empty() && p.waiting.is_none());
+    assert_eq!(p.recheck_after(), None);
+    assert_eq!(
+        requeue_after([p.requeue_after, p.recheck_after()]),
+        MAX_REQUEUE_SECONDS
+    );
+    let rolling = all_ready(Parallel, 3, OLD);
+    let p = plan(&rolling);
+    assert!(!p.delete_pods.is_empty());
+    assert_eq!(
+        requeue_after([p.requeue_after, p.recheck_after()]),
+        BUSY_RECHECK_SECONDS
+    );
+}
