@@ -12,7 +12,8 @@ use futures::{Stream, StreamExt, stream};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{ObjectMeta, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::watcher;
+use kube::runtime::utils::ResetTimerBackoff;
+use kube::runtime::watcher::{self, ExponentialBackoff};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::warn;
@@ -204,6 +205,23 @@ pub fn is_controlled_by(meta: &ObjectMeta, uid: &str) -> Option<bool> {
         .flatten()
         .find(|r| r.controller == Some(true))?;
     Some(controller.uid == uid)
+}
+
+/// The backoff of every watch the controllers run: 0.5 s doubling to 5 s, with jitter, back to
+/// 0.5 s after a minute without errors. kube's default grows to 30 s; after an API server
+/// restart, when every watch fails a few times in a row, that kept a controller blind to pod
+/// events for half a minute.
+pub fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(500))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(
+        ExponentialBackoff::from(builder),
+        std::time::Duration::from_secs(60),
+    )
 }
 
 /// Passes a watch stream through and releases `ready` at its first `InitDone` (the end of its

@@ -175,24 +175,27 @@ fn run_scope(
     let labelled = || watcher::Config::default().labels(keys::APPSET_NAME_LABEL);
     let (store, writer) = reflector::store::<AppSet>();
     let sets = watcher(api_in::<AppSet>(client, ns), all())
-        .default_backoff()
+        .backoff(kubeapi::watch_backoff())
         .reflect(writer);
     let sets = release_on_sync(sets, handle("AppSet")).applied_objects();
     let pods = owned::<Pod>(client, ns, handle("Pod metadata"));
     let revisions = owned::<ControllerRevision>(client, ns, handle("ControllerRevision metadata"));
     let services = owned::<Service>(client, ns, handle("Service metadata"));
     let claims = release_on_sync(
-        watcher(api_in::<PersistentVolumeClaim>(client, ns), labelled()).default_backoff(),
+        watcher(api_in::<PersistentVolumeClaim>(client, ns), labelled())
+            .backoff(kubeapi::watch_backoff()),
         handle("PersistentVolumeClaim"),
     )
     .touched_objects();
     let config_maps = release_on_sync(
-        watcher(api_in::<PartialObjectMeta<ConfigMap>>(client, ns), all()).default_backoff(),
+        watcher(api_in::<PartialObjectMeta<ConfigMap>>(client, ns), all())
+            .backoff(kubeapi::watch_backoff()),
         handle("ConfigMap metadata"),
     )
     .touched_objects();
     let secrets = release_on_sync(
-        watcher(api_in::<PartialObjectMeta<Secret>>(client, ns), all()).default_backoff(),
+        watcher(api_in::<PartialObjectMeta<Secret>>(client, ns), all())
+            .backoff(kubeapi::watch_backoff()),
         handle("Secret metadata"),
     )
     .touched_objects();
@@ -245,7 +248,8 @@ where
     K: Namespaced,
 {
     let config = watcher::Config::default().labels(keys::APPSET_NAME_LABEL);
-    let stream = watcher(api_in::<PartialObjectMeta<K>>(client, ns), config).default_backoff();
+    let stream = watcher(api_in::<PartialObjectMeta<K>>(client, ns), config)
+        .backoff(kubeapi::watch_backoff());
     release_on_sync(stream, ready).touched_objects()
 }
 

@@ -63,7 +63,7 @@ async fn run_kind<K: Workload>(
     let (reader, writer) = reflector::store::<K>();
     let forget = ctx.clone();
     let watch = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(kubeapi::watch_backoff())
         .modify(strip::<K>)
         .reflect(writer);
     let stream = kubeapi::release_on_sync(watch, ready)
@@ -108,7 +108,7 @@ fn source_events<S>(
 where
     S: Namespaced,
 {
-    let watch = watcher(api, watcher::Config::default()).default_backoff();
+    let watch = watcher(api, watcher::Config::default()).backoff(kubeapi::watch_backoff());
     kubeapi::release_on_sync(watch, ready)
         .filter_map(move |ev| {
             let out = match ev {
@@ -152,7 +152,7 @@ fn namespace_events(
     let mut ready = Some(ready);
     let mut listing: HashSet<String> = HashSet::new();
     watcher(api, watcher::Config::default().labels(&selector))
-        .default_backoff()
+        .backoff(kubeapi::watch_backoff())
         .map(move |ev| {
             let Some(selected) = &ctx.selected else {
                 return;
