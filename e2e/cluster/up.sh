@@ -11,6 +11,7 @@
 #   APPSET_CLUSTER_DIR  state directory (default <repo>/.cluster): certificates, logs, kubeconfig
 #   APPSET_CACHE        binary cache (default ~/.cache/appset), see build.sh
 #   APPSET_PORT_BASE    first of the loopback ports used (default 16440)
+#   APPSET_ETCD_DURABLE 1: etcd fsyncs (slower; for fault tests that kill etcd)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -106,7 +107,10 @@ EOF
   }
 
   log "starting etcd"
-  start etcd etcd --name appset --data-dir "$state/etcd" --unsafe-no-fsync \
+  # --unsafe-no-fsync makes the suite fast; a fault test that kills etcd asks for a durable one.
+  durability=(--unsafe-no-fsync)
+  [[ "${APPSET_ETCD_DURABLE:-}" == 1 ]] && durability=()
+  start etcd etcd --name appset --data-dir "$state/etcd" "${durability[@]}" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
     --initial-cluster "appset=http://127.0.0.1:$etcd_peer" --listen-metrics-urls "" \
