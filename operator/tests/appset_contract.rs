@@ -198,6 +198,12 @@ async fn scale_up_creates_the_revision_then_each_claim_before_the_pods_then_the_
         })
         .collect();
     assert_eq!(creates, ["data-web-0", "data-web-1", "web-0", "web-1"]);
+    let pods = w.request("GET", PODS);
+    assert!(
+        pods.query.contains("limit=500"),
+        "pods are listed a page at a time: {}",
+        pods.query
+    );
 
     let pod = w.request("POST", PODS).body;
     let owner = &pod["metadata"]["ownerReferences"][0];

@@ -100,43 +100,64 @@ pub fn revision_infos(revs: &[ControllerRevision]) -> Vec<revision::RevisionInfo
         .collect()
 }
 
-/// The pods matching the selector that the AppSet controls, adopting orphans named after it.
-pub async fn pods(ctx: &Context, set: &AppSet, t: &Target) -> Result<Vec<Pod>, Error> {
+/// How many pods one list request returns: the pods are reduced to [`PodInfo`] page by page,
+/// so a reconcile never holds more than one page of whole pod objects.
+pub const POD_PAGE: u32 = 500;
+
+/// The AppSet's pods (by its selector), orphans adopted on the way, as [`PodInfo`]s; pods of
+/// other names, and pods another controller owns, are left out.
+pub async fn pods(ctx: &Context, set: &AppSet, t: &Target) -> Result<Vec<PodInfo>, Error> {
     let api: Api<Pod> = t.api(ctx);
     let selector = build::selector_string(&set.spec.selector);
-    let listed = api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_err(format!("list pods of AppSet {}/{}", t.ns, t.name)))?
-        .items;
-    let mut pods = Vec::with_capacity(listed.len());
-    for pod in listed {
-        match adopt::pod_ownership(&t.name, &t.uid, &pod) {
-            PodOwnership::Owned => pods.push(pod),
-            PodOwnership::Ignore => {}
-            PodOwnership::Adopt => {
-                let pname = pod.name_any();
-                let patch = json!({"metadata": {
-                    "ownerReferences": build::adopted_owner_references(set, &pod),
-                    "resourceVersion": pod.resource_version(),
-                }});
-                let adopted = api
-                    .patch(&pname, &merge_params(), &Patch::Merge(patch))
-                    .await
-                    .map_err(kube_err(format!("adopt pod {}/{pname}", t.ns)))?;
-                ctx.event(
-                    set,
-                    EventType::Normal,
-                    "AdoptedPod",
-                    "Adopt",
-                    format!("adopted orphan pod {pname}"),
-                )
-                .await;
-                pods.push(adopted);
-            }
+    let mut infos = Vec::new();
+    let mut params = ListParams::default().labels(&selector).limit(POD_PAGE);
+    loop {
+        let page = api
+            .list(&params)
+            .await
+            .map_err(kube_err(format!("list pods of AppSet {}/{}", t.ns, t.name)))?;
+        for pod in page.items {
+            let pod = match adopt::pod_ownership(&t.name, &t.uid, &pod) {
+                PodOwnership::Owned => pod,
+                PodOwnership::Ignore => continue,
+                PodOwnership::Adopt => adopt_pod(ctx, set, t, &api, &pod).await?,
+            };
+            infos.extend(pod_info(&t.name, &pod));
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(infos),
         }
     }
-    Ok(pods)
+}
+
+/// Takes an orphan pod of one of the set's names (controller reference set, guarded by the
+/// pod's resourceVersion) and reports it.
+async fn adopt_pod(
+    ctx: &Context,
+    set: &AppSet,
+    t: &Target,
+    api: &Api<Pod>,
+    pod: &Pod,
+) -> Result<Pod, Error> {
+    let pname = pod.name_any();
+    let patch = json!({"metadata": {
+        "ownerReferences": build::adopted_owner_references(set, pod),
+        "resourceVersion": pod.resource_version(),
+    }});
+    let adopted = api
+        .patch(&pname, &merge_params(), &Patch::Merge(patch))
+        .await
+        .map_err(kube_err(format!("adopt pod {}/{pname}", t.ns)))?;
+    ctx.event(
+        set,
+        EventType::Normal,
+        "AdoptedPod",
+        "Adopt",
+        format!("adopted orphan pod {pname}"),
+    )
+    .await;
+    Ok(adopted)
 }
 
 /// What the planner needs to know about a pod named `<set>-<ordinal>`; `None` for other names.

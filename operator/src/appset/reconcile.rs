@@ -79,11 +79,7 @@ pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> 
     let config_hash = paced.hash.clone();
     let revs = revisions(ctx, set, &t, config_hash.as_deref(), previous).await?;
 
-    let pods: Vec<PodInfo> = observe::pods(ctx, set, &t)
-        .await?
-        .iter()
-        .filter_map(|p| observe::pod_info(&t.name, p))
-        .collect();
+    let pods: Vec<PodInfo> = observe::pods(ctx, set, &t).await?;
     let claims = observe::claims(ctx, set, &t).await?;
 
     let input = plan_input(set, &t, &revs, &pods, &claims, now.as_second());
