@@ -18,21 +18,12 @@ use anyhow::{Context, Result, bail};
 use appset_crds::AppSet;
 use appset_e2e::TestNamespace;
 use appset_e2e::fixtures::appset_with_spec;
-use appset_e2e::process::{Process, free_port, scratch_dir};
+use appset_e2e::process::{Process, free_port, memory_kib, scratch_dir};
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use kube::api::PostParams;
 use serde_json::json;
-
-fn memory_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
 
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use appset_crds::keys;
 use appset_e2e::fixtures::template_hash;
+use appset_e2e::process::memory_kib;
 use appset_e2e::{TestNamespace, wait_for};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::ByteString;
@@ -144,15 +145,6 @@ fn deployment(i: usize, a: &Args) -> Deployment {
         }
     }))
     .unwrap_or_default()
-}
-
-fn memory_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
