@@ -7,6 +7,7 @@
 //! `/proc/<pid>/cmdline`), recording the new pid where `down.sh` finds it; dropping the
 //! cluster runs `e2e/cluster/down.sh`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -72,40 +73,46 @@ impl OwnCluster {
     }
 }
 
-/// [`OwnCluster::restart`] for the cluster in the state directory `dir` (to run on a blocking
-/// thread).
-pub fn restart(dir: &Path, component: &str, signal: &str, down_for: Duration) -> Result<()> {
-    let pid_file = dir.join("pids").join(component);
-    let pid = std::fs::read_to_string(&pid_file)
-        .with_context(|| format!("read {}", pid_file.display()))?
-        .trim()
-        .to_string();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .with_context(|| format!("{component} (pid {pid}) is not running"))?;
+/// The command line of each running component of the cluster in `dir` (from
+/// `/proc/<pid>/cmdline`), to start one again after it died (see [`revive`]).
+pub fn command_lines(dir: &Path) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir.join("pids"))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = std::fs::read_to_string(entry.path())?.trim().to_string();
+        if let Some(args) = command_line(&pid) {
+            out.insert(name, args);
+        }
+    }
+    Ok(out)
+}
+
+fn command_line(pid: &str) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     // NUL-separated and NUL-terminated; empty arguments (`--listen-metrics-urls ""`) are
     // arguments too.
-    let cmdline = cmdline.strip_suffix(&[0]).unwrap_or(&cmdline);
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let raw = raw.strip_suffix(&[0]).unwrap_or(&raw);
+    if raw.is_empty() {
+        return None; // a zombie
+    }
+    Some(
+        raw.split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+fn alive(pid: &str) -> bool {
+    command_line(pid).is_some()
+}
+
+/// Starts `component` with `args` in its own session, appending to its log, and records its
+/// pid where `down.sh` finds it.
+fn spawn_component(dir: &Path, component: &str, args: &[String]) -> Result<()> {
     let Some((program, rest)) = args.split_first() else {
         bail!("{component} has an empty command line");
     };
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid])
-        .status()?;
-    if !status.success() {
-        bail!("kill -{signal} {component} ({pid}) failed");
-    }
-    // Wait until it is really gone before the clock of its absence starts.
-    for _ in 0..100 {
-        if !PathBuf::from(format!("/proc/{pid}")).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(down_for);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -117,9 +124,50 @@ pub fn restart(dir: &Path, component: &str, signal: &str, down_for: Duration) ->
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .with_context(|| format!("restart {component}"))?;
-    std::fs::write(&pid_file, child.id().to_string())?;
+        .with_context(|| format!("start {component}"))?;
+    std::fs::write(dir.join("pids").join(component), child.id().to_string())?;
     Ok(())
+}
+
+/// Starts again every component of `cmdlines` whose process is gone, as the kubelet restarts a
+/// control plane's static pods; returns the names it started.
+pub fn revive(dir: &Path, cmdlines: &BTreeMap<String, Vec<String>>) -> Result<Vec<String>> {
+    let mut revived = Vec::new();
+    for (name, args) in cmdlines {
+        let pid = std::fs::read_to_string(dir.join("pids").join(name)).unwrap_or_default();
+        if !alive(pid.trim()) {
+            spawn_component(dir, name, args)?;
+            revived.push(name.clone());
+        }
+    }
+    Ok(revived)
+}
+
+/// [`OwnCluster::restart`] for the cluster in the state directory `dir` (to run on a blocking
+/// thread).
+pub fn restart(dir: &Path, component: &str, signal: &str, down_for: Duration) -> Result<()> {
+    let pid_file = dir.join("pids").join(component);
+    let pid = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("read {}", pid_file.display()))?
+        .trim()
+        .to_string();
+    let args =
+        command_line(&pid).with_context(|| format!("{component} (pid {pid}) is not running"))?;
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()?;
+    if !status.success() {
+        bail!("kill -{signal} {component} ({pid}) failed");
+    }
+    // Wait until it is really gone (or a zombie) before the clock of its absence starts.
+    for _ in 0..200 {
+        if !alive(&pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(down_for);
+    spawn_component(dir, component, &args)
 }
 
 impl Drop for OwnCluster {

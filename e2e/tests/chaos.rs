@@ -288,6 +288,27 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
         .await
         .with_context(|| op.log_tail())?;
     let (seen, tasks) = watch(&client, &ns.name, replicas as usize);
+    // A component that dies of the faults (kube-scheduler has crashed on a cache it found
+    // corrupted after the restarts) is started again, as a kubelet restarts a control plane's
+    // static pods; what was revived is printed.
+    let cmdlines = appset_e2e::cluster::command_lines(&cluster.dir)?;
+    let revived = Arc::new(Mutex::new(Vec::<String>::new()));
+    let supervisor = {
+        let (dir, revived) = (cluster.dir.clone(), revived.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (dir, cmdlines) = (dir.clone(), cmdlines.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    appset_e2e::cluster::revive(&dir, &cmdlines)
+                })
+                .await;
+                if let (Ok(Ok(names)), Ok(mut all)) = (r, revived.lock()) {
+                    all.extend(names);
+                }
+            }
+        })
+    };
     let sets = ns.api::<AppSet>();
     let start = Instant::now();
     sets.patch(
@@ -368,6 +389,8 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
         .await
         .with_context(|| op.log_tail())?;
     let completed = etcd_back.elapsed().as_secs_f64();
+    supervisor.abort();
+    let revived = revived.lock().map(|r| r.clone()).unwrap_or_default();
     for t in tasks {
         t.abort();
     }
@@ -376,10 +399,11 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
         .map(|mut s| std::mem::take(&mut *s))
         .unwrap_or_default();
     println!(
-        "chaos restarts: kube-apiserver killed, down 3s (back after {:.1}s), etcd killed, down 3s; the rollout moved again {recovered:.1}s after etcd came back and completed after {completed:.1}s, {:.1}s in all; operator process still running (never restarted): {}; max replicas down {}, claims deleted {}",
+        "chaos restarts: kube-apiserver killed, down 3s (back after {:.1}s), etcd killed, down 3s; the rollout moved again {recovered:.1}s after etcd came back and completed after {completed:.1}s, {:.1}s in all; operator process still running (never restarted): {}; control plane components revived: {:?}; max replicas down {}, claims deleted {}",
         api_back.duration_since(start).as_secs_f64(),
         start.elapsed().as_secs_f64(),
         op.running(),
+        revived,
         seen.max_down,
         seen.claims_deleted.len()
     );
