@@ -288,27 +288,6 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
         .await
         .with_context(|| op.log_tail())?;
     let (seen, tasks) = watch(&client, &ns.name, replicas as usize);
-    // A component that dies of the faults (kube-scheduler has crashed on a cache it found
-    // corrupted after the restarts) is started again, as a kubelet restarts a control plane's
-    // static pods; what was revived is printed.
-    let cmdlines = appset_e2e::cluster::command_lines(&cluster.dir)?;
-    let revived = Arc::new(Mutex::new(Vec::<String>::new()));
-    let supervisor = {
-        let (dir, revived) = (cluster.dir.clone(), revived.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let (dir, cmdlines) = (dir.clone(), cmdlines.clone());
-                let r = tokio::task::spawn_blocking(move || {
-                    appset_e2e::cluster::revive(&dir, &cmdlines)
-                })
-                .await;
-                if let (Ok(Ok(names)), Ok(mut all)) = (r, revived.lock()) {
-                    all.extend(names);
-                }
-            }
-        })
-    };
     let sets = ns.api::<AppSet>();
     let start = Instant::now();
     sets.patch(
@@ -349,6 +328,27 @@ async fn the_operator_rides_out_an_api_server_and_an_etcd_restart() -> Result<()
     let api_back = Instant::now();
     restart("etcd", "KILL").await?;
     let etcd_back = Instant::now();
+    // From now on, a component that dies of the faults (kube-scheduler has crashed on a cache it found
+    // corrupted after the restarts) is started again, as a kubelet restarts a control plane's
+    // static pods; what was revived is printed.
+    let cmdlines = appset_e2e::cluster::command_lines(&cluster.dir)?;
+    let revived = Arc::new(Mutex::new(Vec::<String>::new()));
+    let supervisor = {
+        let (dir, revived) = (cluster.dir.clone(), revived.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (dir, cmdlines) = (dir.clone(), cmdlines.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    appset_e2e::cluster::revive(&dir, &cmdlines)
+                })
+                .await;
+                if let (Ok(Ok(names)), Ok(mut all)) = (r, revived.lock()) {
+                    all.extend(names);
+                }
+            }
+        })
+    };
     // Recovered: the rollout moves again (one more pod updated, as a fresh list shows).
     let updated_before = wait_for("the AppSet readable", DEADLINE, || async {
         Ok(match sets.get("db").await {
