@@ -2,11 +2,13 @@
 //! the minimum interval between two config-driven rollouts of one workload
 //! (`--min-rollout-interval`).
 //!
-//! [`Policy`] holds the two durations. Config rollout applies it with in-memory instants (see
+//! [`Policy`] holds the two durations and the one rule, [`Policy::ready_at`]. Config rollout
+//! applies it to in-memory instants (see
 //! `config::rollout`); the AppSet controller keeps its pacing state on the AppSet's status, so
 //! that a restart of the operator neither forgets a pending change nor rolls early, and decides
 //! with the pure [`pace`] below.
 
+use std::ops::Add;
 use std::time::Duration;
 
 /// The pacing of config-driven rollouts.
@@ -27,6 +29,37 @@ impl Default for Policy {
     }
 }
 
+impl Policy {
+    /// The rule both controllers pace by: a change first seen at `since` may roll once the
+    /// window has passed since then and the minimum interval since the `last` rollout. `T` is
+    /// an instant (config rollout keeps its state in memory) or [`Seconds`] (the AppSet keeps
+    /// it on its status).
+    pub fn ready_at<T>(&self, since: T, last: Option<T>) -> T
+    where
+        T: Add<Duration, Output = T> + Ord + Copy,
+    {
+        let after_window = since + self.window;
+        match last {
+            Some(last) => after_window.max(last + self.min_interval),
+            None => after_window,
+        }
+    }
+}
+
+/// A time in whole Unix seconds, as the AppSet's status records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seconds(pub i64);
+
+impl Add<Duration> for Seconds {
+    type Output = Seconds;
+    fn add(self, d: Duration) -> Seconds {
+        Seconds(
+            self.0
+                .saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        )
+    }
+}
+
 /// What an AppSet's status records about config-driven rollouts (Unix seconds).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Paced {
@@ -38,10 +71,6 @@ pub struct Paced {
     pub rolled_at: Option<i64>,
     /// Seconds until a pending change may roll, when one waits.
     pub wait: Option<i64>,
-}
-
-fn secs(d: Duration) -> i64 {
-    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// Decides which config digest the update revision uses now.
@@ -73,9 +102,7 @@ pub fn pace(
         return settled(Some(recorded));
     }
     let since = previous.pending_since.unwrap_or(now).min(now);
-    let ready_at = since
-        .saturating_add(secs(policy.window))
-        .max(rolled_at.map_or(i64::MIN, |t| t.saturating_add(secs(policy.min_interval))));
+    let Seconds(ready_at) = policy.ready_at(Seconds(since), rolled_at.map(Seconds));
     if now >= ready_at {
         Paced {
             hash: Some(fresh.to_string()),

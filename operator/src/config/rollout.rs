@@ -129,10 +129,7 @@ impl WorkloadState {
             return Decision::Unchanged;
         }
         let since = *self.pending_since.get_or_insert(now);
-        let mut ready = since + policy.window;
-        if let Some(last) = self.last_rollout {
-            ready = ready.max(last + policy.min_interval);
-        }
+        let ready = policy.ready_at(since, self.last_rollout);
         if now >= ready {
             Decision::Roll
         } else {
