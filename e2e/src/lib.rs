@@ -7,6 +7,7 @@
 //!   returned once ready;
 //! * [`fixtures`]: the manifests (AppSet, StatefulSet, Deployment, ConfigMap, Secret) and small
 //!   object helpers the tests and benchmarks share;
+//! * [`disruption`]: watches that record replicas down and claims deleted during a fault test;
 //! * [`cluster`]: a control plane of a test's own, for fault tests that restart its parts;
 //! * [`process`]: child processes (the real binaries, helm, kubectl) and scratch files.
 //!
@@ -21,6 +22,7 @@
 //! ```
 
 pub mod cluster;
+pub mod disruption;
 pub mod fixtures;
 pub mod harness;
 pub mod process;

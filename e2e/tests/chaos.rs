@@ -13,7 +13,6 @@
 //! The random kill points come from a seed printed at the start (`APPSET_CHAOS_SEED` replays
 //! one).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,14 +20,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use appset_crds::AppSet;
 use appset_e2e::cluster::OwnCluster;
+use appset_e2e::disruption::{Seen, watch};
 use appset_e2e::fixtures::{appset, wait_settled};
 use appset_e2e::process::{Process, binary, free_port, scratch_dir};
 use appset_e2e::{TestNamespace, wait_for};
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -90,89 +88,6 @@ impl Rng {
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.next() % (hi - lo).max(1))
     }
-}
-
-/// What the watches saw during a fault test.
-#[derive(Debug, Default)]
-struct Seen {
-    /// The most replicas missing or terminating at once.
-    max_down: usize,
-    /// Claims that started terminating or were deleted.
-    claims_deleted: Vec<String>,
-    /// Moments two pod objects of one ordinal existed at once.
-    same_ordinal: usize,
-}
-
-/// Watches pods and claims of `ns` until aborted.
-fn watch(
-    client: &Client,
-    ns: &str,
-    replicas: usize,
-) -> (Arc<Mutex<Seen>>, Vec<tokio::task::JoinHandle<()>>) {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-    let pod_task = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            // name → (ordinal label, live)
-            let mut present: BTreeMap<String, (String, bool)> = BTreeMap::new();
-            let mut synced = false;
-            let mut stream = watcher(pods, watcher::Config::default()).boxed();
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                        let ordinal = p
-                            .labels()
-                            .get("apps.kubernetes.io/pod-index")
-                            .cloned()
-                            .unwrap_or_default();
-                        present.insert(
-                            p.name_any(),
-                            (ordinal, p.metadata.deletion_timestamp.is_none()),
-                        );
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        present.remove(&p.name_any());
-                    }
-                    Ok(watcher::Event::InitDone) => synced = true,
-                    _ => continue,
-                }
-                if !synced {
-                    continue;
-                }
-                let Ok(mut s) = seen.lock() else { return };
-                let live = present.values().filter(|(_, live)| *live).count();
-                s.max_down = s.max_down.max(replicas.saturating_sub(live));
-                let mut ordinals: Vec<&String> = present.values().map(|(o, _)| o).collect();
-                let n = ordinals.len();
-                ordinals.sort();
-                ordinals.dedup();
-                if ordinals.len() != n {
-                    s.same_ordinal += 1;
-                }
-            }
-        })
-    };
-    let claim_task = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            let mut stream = watcher(claims, watcher::Config::default()).boxed();
-            while let Some(ev) = stream.next().await {
-                let c = match ev {
-                    Ok(watcher::Event::Apply(c)) if c.metadata.deletion_timestamp.is_some() => c,
-                    Ok(watcher::Event::Delete(c)) => c,
-                    _ => continue,
-                };
-                if let Ok(mut s) = seen.lock()
-                    && !s.claims_deleted.contains(&c.name_any())
-                {
-                    s.claims_deleted.push(c.name_any());
-                }
-            }
-        })
-    };
-    (seen, vec![pod_task, claim_task])
 }
 
 /// A 20-replica rolling update with the operator killed (SIGKILL) and restarted at ten random

@@ -3,6 +3,7 @@
 //! pacing of config-driven revisions under a flapping ConfigMap. Each test prints what it saw.
 
 use super::*;
+use appset_e2e::disruption::watch;
 
 /// Sets the `Ready` condition of every pod of the namespace to False through the status
 /// subresource, as a failing readiness probe would during a dependency outage.
@@ -50,31 +51,7 @@ async fn an_outage_then_a_template_change_replaces_one_pod_at_a_time() -> Result
     );
 
     // Count, on every pod event, the replicas that are missing or being deleted.
-    let max_down = Arc::new(Mutex::new(0usize));
-    let watch = {
-        let (api, max_down) = (ns.api::<Pod>(), max_down.clone());
-        tokio::spawn(async move {
-            let mut present: BTreeMap<String, bool> = BTreeMap::new();
-            let mut synced = false;
-            let mut stream = watcher(api, watcher::Config::default()).boxed();
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                        present.insert(p.name_any(), p.metadata.deletion_timestamp.is_none());
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        present.remove(&p.name_any());
-                    }
-                    Ok(watcher::Event::InitDone) => synced = true,
-                    _ => continue,
-                }
-                if synced && let Ok(mut m) = max_down.lock() {
-                    let up = present.values().filter(|alive| **alive).count();
-                    *m = (*m).max(5usize.saturating_sub(up));
-                }
-            }
-        })
-    };
+    let (seen, tasks) = watch(&ns.client, &ns.name, 5);
     tokio::time::sleep(Duration::from_secs(1)).await;
     patch_spec(
         &ns,
@@ -84,8 +61,10 @@ async fn an_outage_then_a_template_change_replaces_one_pod_at_a_time() -> Result
     .await?;
     // New pods come up Ready (KWOK), so the rollout proceeds, one pod at a time.
     wait_settled(&ns, "web", 5).await?;
-    watch.abort();
-    let max_down = max_down.lock().map(|m| *m).unwrap_or(usize::MAX);
+    for t in tasks {
+        t.abort();
+    }
+    let max_down = seen.lock().map(|s| s.max_down).unwrap_or(usize::MAX);
     println!("outage rollout: at most {max_down} of 5 replicas missing or terminating at once");
     assert!(
         max_down <= 1,
