@@ -94,6 +94,14 @@ pub struct Options {
 }
 
 impl Options {
+    /// `--coalesce-window` and `--min-rollout-interval`, which pace both controllers.
+    pub fn pacing(&self) -> Policy {
+        Policy {
+            window: self.coalesce_window,
+            min_interval: self.min_rollout_interval,
+        }
+    }
+
     /// The namespaces both controllers watch.
     pub fn scope(&self) -> Scope {
         Scope::from_list(&self.namespaces)
@@ -103,10 +111,7 @@ impl Options {
     pub fn settings(&self) -> Settings {
         Settings {
             scope: self.scope(),
-            policy: Policy {
-                window: self.coalesce_window,
-                min_interval: self.min_rollout_interval,
-            },
+            policy: self.pacing(),
             reloader_compat: self.reloader_compat,
             concurrency: self.concurrency.max(1),
             instance: Some(self.identity()),
@@ -125,10 +130,7 @@ impl Options {
             scope: self.scope(),
             concurrency: self.concurrency.max(1),
             instance: Some(self.identity()),
-            pacing: Policy {
-                window: self.coalesce_window,
-                min_interval: self.min_rollout_interval,
-            },
+            pacing: self.pacing(),
             ..Default::default()
         }
     }
