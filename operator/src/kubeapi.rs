@@ -138,6 +138,33 @@ pub fn is_conflict(err: &kube::Error) -> bool {
     is_status(err, 409)
 }
 
+/// Whether the request failed because the API server could not be reached or was not able to
+/// answer (no connection, a broken stream, 429, 5xx): retrying soon is right, and nothing about
+/// the object being reconciled is wrong.
+pub fn is_transient(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+        kube::Error::Service(_) | kube::Error::HyperError(_) => true,
+        _ => false,
+    }
+}
+
+/// The retry delay after `failures` reconciles of one object failed in a row: 1 s doubling to
+/// 5 min, but at most [`TRANSIENT_RETRY_MAX`] when the last failure was `transient` (the API
+/// server went away): an outage must not leave objects waiting minutes after it ended.
+pub fn retry_delay(failures: u32, transient: bool) -> std::time::Duration {
+    let exp = std::time::Duration::from_secs(1u64 << failures.saturating_sub(1).min(9))
+        .min(std::time::Duration::from_secs(300));
+    if transient {
+        exp.min(TRANSIENT_RETRY_MAX)
+    } else {
+        exp
+    }
+}
+
+/// The longest retry delay after a transient failure (see [`retry_delay`]).
+pub const TRANSIENT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs `jobs` with at most `limit` in flight, and returns the first error once all finished.
 pub async fn bounded<F, E>(jobs: Vec<F>, limit: usize) -> Result<(), E>
 where
@@ -325,6 +352,27 @@ mod tests {
         assert!(s.contains("b") && !s.contains("c"));
         assert_eq!(Scope::All.parts(), vec![None]);
         assert!(Scope::All.contains("anything"));
+    }
+
+    #[test]
+    fn transient_failures_retry_within_seconds() {
+        let status = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(is_transient(&status(503)) && is_transient(&status(429)));
+        assert!(!is_transient(&status(422)) && !is_transient(&status(404)));
+        let down = kube::Error::Service("connection refused".into());
+        assert!(is_transient(&down));
+        assert_eq!(retry_delay(1, false), std::time::Duration::from_secs(1));
+        assert_eq!(retry_delay(4, false), std::time::Duration::from_secs(8));
+        assert_eq!(retry_delay(40, false), std::time::Duration::from_secs(300));
+        for n in 1..64 {
+            assert!(retry_delay(n, true) <= TRANSIENT_RETRY_MAX);
+            assert!(retry_delay(n, true) <= retry_delay(n, false));
+        }
     }
 
     #[test]

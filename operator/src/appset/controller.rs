@@ -65,6 +65,18 @@ pub enum Error {
     Timeout(Duration),
 }
 
+impl Error {
+    /// Whether the failure is the API server's, not the AppSet's: retried within seconds.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Kube { source, .. } => kubeapi::is_transient(source),
+            Error::Config(fetch::FetchError::Api { source, .. }) => kubeapi::is_transient(source),
+            Error::Timeout(_) => true,
+            Error::Config(_) | Error::Invalid(_) => false,
+        }
+    }
+}
+
 /// Wraps an API error with what was being done.
 pub(crate) fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
@@ -274,7 +286,8 @@ fn users_of(
         .collect()
 }
 
-/// Exponential backoff per AppSet: 1 s doubling to 5 min.
+/// Exponential backoff per AppSet: 1 s doubling to 5 min, or to 5 s while the API server is
+/// unreachable ([`kubeapi::retry_delay`]).
 fn error_policy(set: Arc<AppSet>, err: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(set.as_ref());
     let n = match ctx.failures.lock() {
@@ -285,8 +298,7 @@ fn error_policy(set: Arc<AppSet>, err: &Error, ctx: Arc<Context>) -> Action {
         }
         Err(_) => 1,
     };
-    let delay =
-        Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300));
+    let delay = kubeapi::retry_delay(n, err.is_transient());
     warn!(appset = %set.name_any(), namespace = ?set.namespace(), error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
