@@ -117,6 +117,17 @@ EOF
     --quota-backend-bytes 4294967296 --log-level warn
   wait_for etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
 
+  # Writes are audited (metadata only: who, what, when; never a body), so that tests can check
+  # which client wrote what, e.g. that a paused leader sends nothing once another has taken over.
+  cat >"$state/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+POLICY
   log "starting kube-apiserver v$K8S_VERSION on 127.0.0.1:$api_port"
   start kube-apiserver kube-apiserver --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
@@ -125,7 +136,9 @@ EOF
     --service-account-issuer "https://127.0.0.1:$api_port" --service-account-key-file "$pki/sa.pub" \
     --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range 10.96.0.0/16 \
     --allow-privileged=true --enable-priority-and-fairness=false --profiling=false \
-    --api-audiences "https://127.0.0.1:$api_port" --endpoint-reconciler-type none
+    --api-audiences "https://127.0.0.1:$api_port" --endpoint-reconciler-type none \
+    --audit-policy-file "$state/audit-policy.yaml" --audit-log-path "$state/logs/audit.log" \
+    --audit-log-maxsize 500 --audit-log-maxbackup 1
   wait_for kube-apiserver 120 kubectl --kubeconfig "$kubeconfig" get --raw /readyz
 
   log "starting kube-controller-manager, kube-scheduler, kwok"

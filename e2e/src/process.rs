@@ -108,6 +108,24 @@ impl Process {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, ...) to the process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.child.id().to_string();
+        run_ok("kill", &[&format!("-{signal}"), &pid]).map(|_| ())
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status when it did.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Its process id.
     pub fn id(&self) -> u32 {
         self.child.id()

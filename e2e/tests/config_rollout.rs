@@ -570,32 +570,31 @@ async fn a_missing_required_source_gives_an_event_and_no_crash() -> Result<()> {
 
 #[tokio::test]
 async fn only_one_replica_leads_and_a_dead_leader_is_replaced() -> Result<()> {
-    use appset_operator::runtime::lease::LeaderElector;
+    use appset_operator::runtime::lease::{LeaderElector, Timing};
     let ns = TestNamespace::new("cfg-lease").await?;
     let duration = Duration::from_secs(3);
-    let a = LeaderElector::new(
-        ns.client.clone(),
-        &ns.name,
-        "operator",
-        "replica-a",
-        duration,
-    );
-    let b = LeaderElector::new(
-        ns.client.clone(),
-        &ns.name,
-        "operator",
-        "replica-b",
-        duration,
-    );
+    let timing = Timing {
+        lease_duration: duration,
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(500),
+    };
+    let a = LeaderElector::new(ns.client.clone(), &ns.name, "operator", "replica-a", timing);
+    let b = LeaderElector::new(ns.client.clone(), &ns.name, "operator", "replica-b", timing);
     assert!(a.try_hold().await?, "the first replica takes a free Lease");
     assert!(
         !b.try_hold().await?,
         "a live Lease held by another replica is not taken"
     );
     assert!(a.try_hold().await?, "the holder renews");
-    // replica-a stops renewing: once the Lease expires, replica-b takes it.
+    assert!(a.fence().holds(), "the holder's writes pass its fence");
+    assert!(!b.fence().holds(), "a standby's writes do not");
+    // replica-a stops renewing: once replica-b has seen the same Lease record for a whole lease
+    // duration on its own clock, it takes the Lease; replica-a's fence closed before that.
+    assert!(!b.try_hold().await?, "replica-b sees the renewed Lease");
     tokio::time::sleep(duration + Duration::from_secs(1)).await;
+    assert!(!a.fence().holds(), "the renew deadline has passed");
     assert!(b.try_hold().await?, "an expired Lease is taken over");
+    assert!(b.fence().holds());
     assert!(
         !a.try_hold().await?,
         "the old holder does not get it back while it is live"

@@ -13,6 +13,7 @@
 //! [`run`] is the same without process concerns (logging, signals). The e2e tests and the
 //! benchmarks call it, or each controller's `run` directly, in-process.
 
+pub mod client;
 pub mod duration;
 pub mod lease;
 
@@ -91,6 +92,15 @@ pub struct Options {
     /// This replica's identity (for Events and the Lease); defaults to the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// How long a standby waits, after it last saw the leader renew, before taking over.
+    #[arg(long, env = "APPSET_LEASE_DURATION", default_value = "15s", value_parser = duration::parse)]
+    pub lease_duration: Duration,
+    /// How long the leader keeps writing without a successful renew; shorter than the lease.
+    #[arg(long, env = "APPSET_RENEW_DEADLINE", default_value = "10s", value_parser = duration::parse)]
+    pub renew_deadline: Duration,
+    /// How often the leader renews and a standby looks at the Lease.
+    #[arg(long, env = "APPSET_RETRY_PERIOD", default_value = "2s", value_parser = duration::parse)]
+    pub retry_period: Duration,
 }
 
 impl Options {
@@ -135,7 +145,17 @@ impl Options {
         }
     }
 
-    fn identity(&self) -> String {
+    /// `--lease-duration`, `--renew-deadline` and `--retry-period`.
+    pub fn timing(&self) -> lease::Timing {
+        lease::Timing {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.renew_deadline,
+            retry_period: self.retry_period,
+        }
+    }
+
+    /// This replica's identity: `--identity`, else the host name.
+    pub fn identity(&self) -> String {
         self.identity
             .clone()
             .or_else(|| std::env::var("HOSTNAME").ok())
@@ -162,19 +182,56 @@ pub enum Error {
     #[error("cannot set up the config hash key: {0}")]
     Keyring(#[from] FetchError),
     /// Leadership was lost; the process exits so that it restarts as a follower.
-    #[error("lost the leader Lease")]
-    LostLeadership,
+    #[error("lost the leader Lease ({0:?}); the controllers were stopped")]
+    LostLeadership(lease::Lost),
+    /// The flags contradict each other.
+    #[error("invalid flags: {0}")]
+    Flags(String),
 }
 
-/// Runs the operator with `client` until `shutdown` completes: the HTTP endpoints, leader
+/// Runs the operator from `config` until `shutdown` completes: the HTTP endpoints, leader
 /// election when asked for, and the controllers.
+///
+/// With `--leader-elect`, every request of the controllers passes the leader fence (see
+/// [`lease`]): losing the Lease, or no renew within the renew deadline, closes it and cancels the
+/// controllers, and this returns [`Error::LostLeadership`]. On `shutdown` the controllers stop
+/// first (in-flight reconciles finish), then the Lease is released for a standby to take at
+/// once.
 pub async fn run(
     options: Options,
-    client: Client,
+    config: kube::Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let timing = options.timing();
+    if options.leader_elect {
+        timing.check().map_err(Error::Flags)?;
+    }
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let client_metrics = client::ClientMetrics::register(&mut registry);
+    let identity = options.identity();
+    // The Lease is read and written by a client of its own, outside the fence it opens.
+    let lease_client = client::build(
+        config.clone(),
+        &identity,
+        &lease::Fence::open(),
+        &client_metrics,
+    )
+    .map_err(Error::Client)?;
+    let elector = options.leader_elect.then(|| {
+        lease::LeaderElector::new(
+            lease_client,
+            &options.operator_namespace,
+            &options.lease_name,
+            &identity,
+            timing,
+        )
+    });
+    let fence = elector
+        .as_ref()
+        .map_or_else(lease::Fence::open, lease::LeaderElector::fence);
+    let client =
+        client::build(config, &identity, &fence, &client_metrics).map_err(Error::Client)?;
     let readiness = Readiness::new();
     // Registered before anything starts, so /readyz cannot pass before the controllers exist.
     let rollout_ready = readiness.handle("config rollout controller");
@@ -202,36 +259,31 @@ pub async fn run(
 
     let controllers = controllers(
         &options,
-        client.clone(),
+        client,
         metrics,
         [rollout_ready, appset_ready],
         shutdown.clone(),
     );
-    let mut lost = false;
-    let result = if options.leader_elect {
-        let elector = lease::LeaderElector::new(
-            client.clone(),
-            &options.operator_namespace,
-            &options.lease_name,
-            &options.identity(),
-            Duration::from_secs(15),
-        );
-        tokio::select! {
-            _ = elector.acquire(Duration::from_secs(2)) => {}
-            _ = shutdown.clone() => { server.abort(); return Ok(()); }
+    let result = match &elector {
+        Some(elector) => {
+            tokio::select! {
+                _ = elector.acquire() => {}
+                _ = shutdown.clone() => { server.abort(); return Ok(()); }
+            }
+            standby.store(false, Ordering::Release);
+            // Dropping `controllers` when `keep` returns cancels every reconcile in flight;
+            // the fence is closed already, so nothing they still try is sent.
+            tokio::select! {
+                r = controllers => {
+                    elector.release().await;
+                    r
+                }
+                lost = elector.keep() => Err(Error::LostLeadership(lost)),
+            }
         }
-        standby.store(false, Ordering::Release);
-        tokio::select! {
-            r = controllers => r,
-            _ = elector.keep(Duration::from_secs(5)) => { lost = true; Ok(()) }
-        }
-    } else {
-        controllers.await
+        None => controllers.await,
     };
     server.abort();
-    if lost {
-        return Err(Error::LostLeadership);
-    }
     result
 }
 
@@ -274,8 +326,10 @@ async fn controllers(
 /// The binary's entry point: logging, a client from the environment, signals.
 pub async fn main(options: Options) -> Result<(), Error> {
     logging::init(options.log_format);
-    let client = Client::try_default().await.map_err(Error::Client)?;
-    run(options, client, signal::shutdown_signal()).await
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Client(kube::Error::InferConfig(e)))?;
+    run(options, config, signal::shutdown_signal()).await
 }
 
 #[cfg(test)]
