@@ -9,8 +9,11 @@
 //! * [`pacing`]: the coalescing window and minimum interval of config-driven rollouts.
 //! * [`runtime`]: the operator process: flags, the shared keyring, the admin endpoints, leader
 //!   election, and graceful shutdown. `src/main.rs` is a thin wrapper around it.
+//! * [`sourcewatch`]: the one metadata-only watch of ConfigMaps and Secrets both controllers
+//!   are triggered by.
 //!
-//! Neither controller imports from the other; both depend on [`confighash`], [`kubeapi`] and [`pacing`].
+//! Neither controller imports from the other; both depend on [`confighash`], [`kubeapi`], [`pacing`] and
+//! [`sourcewatch`].
 
 pub mod appset;
 pub mod config;
@@ -18,5 +21,6 @@ pub mod confighash;
 pub mod kubeapi;
 pub mod pacing;
 pub mod runtime;
+pub mod sourcewatch;
 
 pub use runtime::run;

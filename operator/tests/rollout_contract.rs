@@ -1,7 +1,8 @@
 //! Contract tests of config rollout against a fake API server ([`support::Fake`]): the
 //! requests one reconcile of a Deployment sends for a baseline, a rollout, an unchanged source
 //! and a missing one; that no Secret value is ever sent back to the API server; and that the
-//! ConfigMap and Secret watches ask for metadata only.
+//! ConfigMap and Secret watches ask for metadata only; and that workloads deleted during a
+//! watch gap leave the index on the next relist.
 
 mod support;
 
@@ -311,4 +312,59 @@ async fn config_map_and_secret_watches_ask_for_metadata_only() {
             r.accept
         );
     }
+}
+
+#[tokio::test]
+async fn workloads_deleted_while_the_watch_was_down_leave_the_index_on_the_relist() {
+    let fake = Fake::new();
+    for name in ["a", "b", "c"] {
+        let mut d = deployment();
+        d["metadata"]["name"] = json!(name);
+        d["metadata"]["uid"] = json!(format!("{name}-uid"));
+        fake.put(DEPLOYMENTS, d);
+    }
+    fake.put(CONFIG_MAPS, config_map("hello"));
+    fake.put(SECRETS, secret());
+    let running = fake.start();
+    let metrics = Metrics::default();
+    let readiness = Readiness::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = Settings {
+        scope: Scope::namespace("ns"),
+        ..Settings::default()
+    };
+    let task = tokio::spawn(appset_operator::config::watch::run(
+        running.client.clone(),
+        settings,
+        Arc::new(Keyring::generate().expect("a key")),
+        metrics.clone(),
+        readiness.handle("config rollout"),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let indexed = |n: i64| {
+        let metrics = metrics.clone();
+        async move {
+            for _ in 0..500 {
+                if metrics.workloads.get() == n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        }
+    };
+    assert!(indexed(3).await, "indexed: {}", metrics.workloads.get());
+    // Two are deleted; no Delete event ever comes (every watch ends in 410), only relists.
+    fake.remove(DEPLOYMENTS, "a");
+    fake.remove(DEPLOYMENTS, "b");
+    let back = indexed(1).await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(
+        back,
+        "still indexed after the relist: {}",
+        metrics.workloads.get()
+    );
 }

@@ -6,13 +6,16 @@
 //! store), by metadata watches of the Pods, ControllerRevisions and Services labelled
 //! `appset.dev/appset` (through their controller owner references), by claims with that label
 //! (through the label's value), and by the metadata of ConfigMaps and Secrets referenced by a
-//! config-aware AppSet's template. Failures requeue with exponential backoff (1 s doubling to
-//! 5 min), reset by a success; every reconcile requeues at least every five minutes.
+//! config-aware AppSet's template (the changes of the shared [`SourceWatch`]). Failures requeue
+//! with exponential backoff (1 s doubling to 5 min; at most 5 s while the API server is
+//! unreachable), reset by a success; every reconcile requeues at least every five minutes. The
+//! retry counts are dropped when an AppSet is deleted, and after every (re)list for the AppSets
+//! it no longer returns.
 //!
 //! Readiness: [`run`] takes a [`ReadyHandle`] gate, derives one handle per watch, releases the
 //! gate, and each watch releases its own handle at the end of its first complete list.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +23,9 @@ use std::time::Duration;
 use appset_process::readiness::ReadyHandle;
 use std::fmt::Debug;
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::ControllerRevision;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::Client;
 use kube::ResourceExt;
 use kube::api::PartialObjectMeta;
@@ -34,10 +37,11 @@ use tracing::{Instrument, info, info_span, warn};
 
 use appset_crds::{AppSet, keys};
 
-use crate::confighash::discovery;
+use crate::confighash::discovery::{self, SourceKind};
 use crate::confighash::fetch;
 use crate::confighash::keyring::Keyring;
 use crate::kubeapi::{self, Namespaced, Scope, api_in, release_on_sync};
+use crate::sourcewatch::{SourceChange, SourceWatch, Subscriptions};
 
 /// The name the controller reports Events under.
 pub const CONTROLLER_NAME: &str = "appset-controller";
@@ -159,6 +163,24 @@ pub async fn run(
     ready: ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let shutdown = shutdown.boxed().shared();
+    let mut watch = SourceWatch::new(&settings.scope);
+    let sources = watch.subscribe_all();
+    let watch = watch.run(&client, &ready, shutdown.clone());
+    let controller = run_with_sources(client, settings, keyring, sources, ready, shutdown);
+    futures::future::join(watch, controller).await;
+}
+
+/// [`run`] with the ConfigMap and Secret changes of a [`SourceWatch`] the caller runs (the
+/// operator shares one between both controllers).
+pub async fn run_with_sources(
+    client: Client,
+    settings: Settings,
+    keyring: Arc<Keyring>,
+    mut sources: Subscriptions,
+    ready: ReadyHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     info!(scope = ?settings.scope, "AppSet controller starting");
     let ctx = Arc::new(Context::new(client.clone(), settings.clone(), keyring));
     let shutdown = shutdown.boxed().shared();
@@ -166,7 +188,10 @@ pub async fn run(
         .scope
         .parts()
         .into_iter()
-        .map(|ns| run_scope(&client, ns, ctx.clone(), &ready, shutdown.clone()))
+        .map(|ns| {
+            let changes = sources.take(ns.as_deref());
+            run_scope(&client, ns, changes, ctx.clone(), &ready, shutdown.clone())
+        })
         .collect();
     ready.ready();
     futures::future::join_all(runs).await;
@@ -176,6 +201,7 @@ pub async fn run(
 fn run_scope(
     client: &Client,
     ns: Option<String>,
+    changes: futures::channel::mpsc::Receiver<SourceChange>,
     ctx: Arc<Context>,
     ready: &ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
@@ -189,7 +215,26 @@ fn run_scope(
     let sets = watcher(api_in::<AppSet>(client, ns), all())
         .backoff(kubeapi::watch_backoff())
         .reflect(writer);
-    let sets = release_on_sync(sets, handle("AppSet")).applied_objects();
+    let pruner = ctx.clone();
+    let part = ns.map(String::from);
+    let mut listed: Option<HashSet<ObjectRef<AppSet>>> = None;
+    let sets = release_on_sync(sets, handle("AppSet"))
+        .inspect_ok(move |ev| match ev {
+            watcher::Event::Delete(set) => pruner.forget(&ObjectRef::from_obj(set)),
+            watcher::Event::Init => listed = Some(HashSet::new()),
+            watcher::Event::InitApply(set) => {
+                if let Some(l) = listed.as_mut() {
+                    l.insert(ObjectRef::from_obj(set));
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(l) = listed.take() {
+                    pruner.retain_listed(part.as_deref(), &l);
+                }
+            }
+            watcher::Event::Apply(_) => {}
+        })
+        .applied_objects();
     let pods = owned::<Pod>(client, ns, handle("Pod metadata"));
     let revisions = owned::<ControllerRevision>(client, ns, handle("ControllerRevision metadata"));
     let services = owned::<Service>(client, ns, handle("Service metadata"));
@@ -199,19 +244,14 @@ fn run_scope(
         handle("PersistentVolumeClaim"),
     )
     .touched_objects();
-    let config_maps = release_on_sync(
-        watcher(api_in::<PartialObjectMeta<ConfigMap>>(client, ns), all())
-            .backoff(kubeapi::watch_backoff()),
-        handle("ConfigMap metadata"),
-    )
-    .touched_objects();
-    let secrets = release_on_sync(
-        watcher(api_in::<PartialObjectMeta<Secret>>(client, ns), all())
-            .backoff(kubeapi::watch_backoff()),
-        handle("Secret metadata"),
-    )
-    .touched_objects();
-    let (cm_store, secret_store) = (store.clone(), store.clone());
+    let users = store.clone();
+    let config_users = changes.flat_map(move |c: SourceChange| {
+        let source = match c.kind {
+            SourceKind::ConfigMap => discovery::SourceName::config_map(c.name),
+            SourceKind::Secret => discovery::SourceName::secret(c.name),
+        };
+        futures::stream::iter(users_of(&users, source, Some(c.namespace)))
+    });
     Controller::for_stream(sets, store)
         .owns_stream(pods)
         .owns_stream(revisions)
@@ -221,20 +261,7 @@ fn run_scope(
             set.zip(claim.namespace())
                 .map(|(set, ns)| ObjectRef::new(&set).within(&ns))
         })
-        .watches_stream(config_maps, move |m: PartialObjectMeta<ConfigMap>| {
-            users_of(
-                &cm_store,
-                discovery::SourceName::config_map(m.name_any()),
-                m.namespace(),
-            )
-        })
-        .watches_stream(secrets, move |m: PartialObjectMeta<Secret>| {
-            users_of(
-                &secret_store,
-                discovery::SourceName::secret(m.name_any()),
-                m.namespace(),
-            )
-        })
+        .reconcile_on(config_users)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )
@@ -284,6 +311,26 @@ fn users_of(
         })
         .map(|s| ObjectRef::from_obj(s.as_ref()))
         .collect()
+}
+
+impl Context {
+    /// Forgets the retry count of an AppSet that is gone.
+    fn forget(&self, set: &ObjectRef<AppSet>) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(set);
+        }
+    }
+
+    /// After a complete list of the AppSets of `part` (`None`: every namespace): forgets the
+    /// retry counts of those the list did not return (deleted while the watch was down).
+    fn retain_listed(&self, part: Option<&str>, listed: &HashSet<ObjectRef<AppSet>>) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.retain(|set, _| {
+                let covered = part.is_none_or(|ns| set.namespace.as_deref() == Some(ns));
+                !covered || listed.contains(set)
+            });
+        }
+    }
 }
 
 /// Exponential backoff per AppSet: 1 s doubling to 5 min, or to 5 s while the API server is

@@ -190,6 +190,31 @@ impl Context {
         }
     }
 
+    /// After a complete list of the `kind`s in `part` (`None`: every namespace): drops what
+    /// is known about every workload of that kind and part the list did not return (deleted
+    /// while the watch was down, so no Delete event came). Returns how many were dropped.
+    pub(crate) fn retain_listed(
+        &self,
+        kind: WorkloadKind,
+        part: Option<&str>,
+        listed: &HashSet<WorkloadRef>,
+    ) -> usize {
+        let covered = |w: &WorkloadRef| w.kind == kind && part.is_none_or(|ns| w.namespace == ns);
+        let keep = |w: &WorkloadRef| !covered(w) || listed.contains(w);
+        let dropped = match self.index.lock() {
+            Ok(mut index) => {
+                let gone = index.retain(keep);
+                self.metrics.workloads.set(index.len() as i64);
+                gone.len()
+            }
+            Err(_) => 0,
+        };
+        if let Ok(mut states) = self.states.lock() {
+            states.retain(|w, _| keep(w));
+        }
+        dropped
+    }
+
     fn with_state(&self, workload: &WorkloadRef, f: impl FnOnce(&mut WorkloadState)) {
         if let Ok(mut states) = self.states.lock() {
             f(states.entry(workload.clone()).or_default());

@@ -108,6 +108,20 @@ impl ReverseIndex {
         }
     }
 
+    /// Keeps only the workloads `keep` accepts; returns those it dropped.
+    pub fn retain(&mut self, mut keep: impl FnMut(&WorkloadRef) -> bool) -> Vec<WorkloadRef> {
+        let gone: Vec<WorkloadRef> = self
+            .by_workload
+            .keys()
+            .filter(|w| !keep(w))
+            .cloned()
+            .collect();
+        for w in &gone {
+            self.remove(w);
+        }
+        gone
+    }
+
     /// The workloads that use `source`, sorted.
     pub fn workloads(&self, source: &SourceRef) -> Vec<WorkloadRef> {
         self.by_source

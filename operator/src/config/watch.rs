@@ -5,16 +5,23 @@
 //!   and the last-applied annotation stripped), filtered so that only changes of generation or
 //!   annotations trigger a reconcile (status updates do not), each driving one
 //!   [`Controller`] whose reconcile is [`controller::reconcile`];
-//! * ConfigMaps and Secrets through `Api<PartialObjectMeta<_>>` watches whose events are
-//!   looked up in the [`ReverseIndex`](super::index::ReverseIndex): the workloads that use the
-//!   source are queued for a reconcile. Events that do not touch data (labels, annotations)
-//!   queue them too, and the reconcile finds the digest unchanged. kube sends these list and
-//!   watch requests with the `as=PartialObjectMetadata` Accept header, so the API server sends
-//!   metadata only: bodies never arrive here and none is cached.
+//! * the changes of ConfigMaps and Secrets from the shared metadata-only watch
+//!   ([`crate::sourcewatch`]), looked up in the [`ReverseIndex`](super::index::ReverseIndex):
+//!   the workloads that use the source are queued for a reconcile. Events that do not touch
+//!   data (labels, annotations) queue them too, and the reconcile finds the digest unchanged.
 //! * with `--namespace-selector`, the metadata of the namespaces it matches, followed live.
 //!
 //! Readiness: [`run`] takes a [`ReadyHandle`] gate, derives one handle per watch, releases the
 //! gate, and each watch releases its own handle at the end of its first complete list.
+//!
+//! Queues: the triggers of each workload kind go through bounded channels (a slow controller
+//! slows the source watch down rather than queueing without limit); "reconcile everything"
+//! (the namespace selection changed) is a channel of one, and a signal already waiting stands
+//! for any number sent after it.
+//!
+//! State: the reverse index and the per-workload state are pruned after every complete
+//! (re)list of a workload kind to the workloads that list returned, so a workload deleted while
+//! the watch was down does not stay in them.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -22,9 +29,9 @@ use std::sync::Arc;
 
 use appset_process::readiness::ReadyHandle;
 use futures::channel::mpsc;
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, SinkExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -38,11 +45,15 @@ use super::controller::{
 };
 use super::index::{SourceRef, WorkloadKind, WorkloadRef};
 use super::metrics::Metrics;
-use crate::confighash::discovery::SourceKind;
 use crate::confighash::keyring::Keyring;
-use crate::kubeapi::{self, Namespaced, api_in};
+use crate::kubeapi::{self, api_in};
+use crate::sourcewatch::{SourceChange, SourceWatch, Subscriptions};
 
-type Senders = Arc<Vec<(WorkloadKind, mpsc::UnboundedSender<WorkloadRef>)>>;
+type Senders = Vec<(WorkloadKind, mpsc::Sender<WorkloadRef>)>;
+
+/// How many triggers of one workload kind wait before the source watch waits for the
+/// controller.
+const TRIGGER_CAPACITY: usize = 1024;
 
 fn strip<K: Resource>(obj: &mut K) {
     obj.meta_mut().managed_fields = None;
@@ -54,8 +65,9 @@ fn strip<K: Resource>(obj: &mut K) {
 /// Runs one controller for kind `K` over `api`, triggered also by `triggers`.
 async fn run_kind<K: Workload>(
     api: Api<K>,
-    triggers: mpsc::UnboundedReceiver<WorkloadRef>,
-    reconcile_all: mpsc::UnboundedReceiver<()>,
+    part: Option<String>,
+    triggers: mpsc::Receiver<WorkloadRef>,
+    reconcile_all: mpsc::Receiver<()>,
     ctx: Arc<Context>,
     ready: ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
@@ -66,11 +78,22 @@ async fn run_kind<K: Workload>(
         .backoff(kubeapi::watch_backoff())
         .modify(strip::<K>)
         .reflect(writer);
+    let mut listed: Option<HashSet<WorkloadRef>> = None;
     let stream = kubeapi::release_on_sync(watch, ready)
-        .inspect_ok(move |ev| {
-            if let watcher::Event::Delete(obj) = ev {
-                forget.forget(&workload_ref(obj));
+        .inspect_ok(move |ev| match ev {
+            watcher::Event::Delete(obj) => forget.forget(&workload_ref(obj)),
+            watcher::Event::Init => listed = Some(HashSet::new()),
+            watcher::Event::InitApply(obj) => {
+                if let Some(l) = listed.as_mut() {
+                    l.insert(workload_ref(obj));
+                }
             }
+            watcher::Event::InitDone => {
+                if let Some(l) = listed.take() {
+                    forget.retain_listed(K::KIND, part.as_deref(), &l);
+                }
+            }
+            watcher::Event::Apply(_) => {}
         })
         .applied_objects()
         .predicate_filter(
@@ -96,47 +119,31 @@ async fn run_kind<K: Workload>(
         .await;
 }
 
-/// Watches the metadata of one source kind and queues the workloads that use each changed
-/// source.
-fn source_events<S>(
-    api: Api<PartialObjectMeta<S>>,
-    kind: SourceKind,
+/// Queues, for each changed source, the workloads that use it.
+fn source_events(
+    changes: mpsc::Receiver<SourceChange>,
     ctx: Arc<Context>,
     senders: Senders,
-    ready: ReadyHandle,
-) -> impl Stream<Item = ()> + Send
-where
-    S: Namespaced,
-{
-    let watch = watcher(api, watcher::Config::default()).backoff(kubeapi::watch_backoff());
-    kubeapi::release_on_sync(watch, ready)
-        .filter_map(move |ev| {
-            let out = match ev {
-                Ok(watcher::Event::Apply(m) | watcher::Event::Delete(m) | watcher::Event::InitApply(m)) => Some(m),
-                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-                Err(err) => {
-                    warn!(kind = kind.as_str(), error = %err, "source metadata watch failed; retrying");
-                    None
-                }
-            };
-            std::future::ready(out)
-        })
-        .map(move |meta| {
-            let source = SourceRef {
-                kind,
-                namespace: meta.namespace().unwrap_or_default(),
-                name: meta.name_any(),
-            };
-            let workloads = match ctx.index.lock() {
-                Ok(index) => index.workloads(&source),
-                Err(_) => Vec::new(),
-            };
+) -> impl Stream<Item = ()> + Send {
+    changes.then(move |change| {
+        let source = SourceRef {
+            kind: change.kind,
+            namespace: change.namespace,
+            name: change.name,
+        };
+        let workloads = match ctx.index.lock() {
+            Ok(index) => index.workloads(&source),
+            Err(_) => Vec::new(),
+        };
+        let mut senders = senders.clone();
+        async move {
             for w in workloads {
-                if let Some((_, tx)) = senders.iter().find(|(k, _)| *k == w.kind) {
-                    let _ = tx.unbounded_send(w);
+                if let Some((_, tx)) = senders.iter_mut().find(|(k, _)| *k == w.kind) {
+                    let _ = tx.send(w).await;
                 }
             }
-        })
+        }
+    })
 }
 
 /// Follows the namespaces matching `selector` into `ctx.selected`, and reconciles every workload
@@ -146,10 +153,11 @@ fn namespace_events(
     api: Api<PartialObjectMeta<Namespace>>,
     selector: String,
     ctx: Arc<Context>,
-    everything: Vec<mpsc::UnboundedSender<()>>,
+    everything: Vec<mpsc::Sender<()>>,
     ready: ReadyHandle,
 ) -> impl Stream<Item = ()> + Send {
     let mut ready = Some(ready);
+    let mut everything = everything;
     let mut listing: HashSet<String> = HashSet::new();
     watcher(api, watcher::Config::default().labels(&selector))
         .backoff(kubeapi::watch_backoff())
@@ -191,8 +199,9 @@ fn namespace_events(
                 }
             };
             if changed {
-                for tx in &everything {
-                    let _ = tx.unbounded_send(());
+                for tx in &mut everything {
+                    // Full means a "reconcile everything" is already waiting: it covers this one.
+                    let _ = tx.try_send(());
                 }
             }
         })
@@ -206,33 +215,36 @@ fn drain(
     async move { stream.take_until(stop).for_each(|_| async {}).await }.boxed()
 }
 
-/// The three workload controllers and two source watches of one part of the scope.
+/// The three workload controllers of one part of the scope, and the routing of its source
+/// changes to them.
 fn scope_tasks(
     client: &Client,
     ns: Option<&str>,
+    sources: mpsc::Receiver<SourceChange>,
     ctx: &Arc<Context>,
     ready: &ReadyHandle,
-    everything: &mut Vec<mpsc::UnboundedSender<()>>,
+    everything: &mut Vec<mpsc::Sender<()>>,
     shutdown: &futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
 ) -> Vec<futures::future::BoxFuture<'static, ()>> {
     let place = ns.unwrap_or("all namespaces");
     // Each kind's "reconcile everything" trigger, fired when the namespace selection changes.
     let mut subscribe = || {
-        let (tx, rx) = mpsc::unbounded();
+        let (tx, rx) = mpsc::channel(0);
         everything.push(tx);
         rx
     };
-    let (dtx, drx) = mpsc::unbounded();
-    let (stx, srx) = mpsc::unbounded();
-    let (xtx, xrx) = mpsc::unbounded();
-    let senders: Senders = Arc::new(vec![
+    let (dtx, drx) = mpsc::channel(TRIGGER_CAPACITY);
+    let (stx, srx) = mpsc::channel(TRIGGER_CAPACITY);
+    let (xtx, xrx) = mpsc::channel(TRIGGER_CAPACITY);
+    let senders: Senders = vec![
         (WorkloadKind::Deployment, dtx),
         (WorkloadKind::StatefulSet, stx),
         (WorkloadKind::DaemonSet, xtx),
-    ]);
+    ];
     vec![
         run_kind::<Deployment>(
             api_in(client, ns),
+            ns.map(String::from),
             drx,
             subscribe(),
             ctx.clone(),
@@ -242,6 +254,7 @@ fn scope_tasks(
         .boxed(),
         run_kind::<StatefulSet>(
             api_in(client, ns),
+            ns.map(String::from),
             srx,
             subscribe(),
             ctx.clone(),
@@ -251,6 +264,7 @@ fn scope_tasks(
         .boxed(),
         run_kind::<DaemonSet>(
             api_in(client, ns),
+            ns.map(String::from),
             xrx,
             subscribe(),
             ctx.clone(),
@@ -259,23 +273,7 @@ fn scope_tasks(
         )
         .boxed(),
         drain(
-            source_events(
-                api_in::<PartialObjectMeta<ConfigMap>>(client, ns),
-                SourceKind::ConfigMap,
-                ctx.clone(),
-                senders.clone(),
-                ready.also(format!("ConfigMap metadata watch ({place})")),
-            ),
-            shutdown.clone(),
-        ),
-        drain(
-            source_events(
-                api_in::<PartialObjectMeta<Secret>>(client, ns),
-                SourceKind::Secret,
-                ctx.clone(),
-                senders,
-                ready.also(format!("Secret metadata watch ({place})")),
-            ),
+            source_events(sources, ctx.clone(), senders),
             shutdown.clone(),
         ),
     ]
@@ -292,6 +290,25 @@ pub async fn run(
     settings: Settings,
     keyring: Arc<Keyring>,
     metrics: Metrics,
+    ready: ReadyHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let shutdown = shutdown.boxed().shared();
+    let mut watch = SourceWatch::new(&settings.scope);
+    let sources = watch.subscribe_all();
+    let watch = watch.run(&client, &ready, shutdown.clone());
+    let controller = run_with_sources(client, settings, keyring, metrics, sources, ready, shutdown);
+    futures::future::join(watch, controller).await;
+}
+
+/// [`run`] with the source changes of a [`SourceWatch`] the caller runs (the operator shares
+/// one between both controllers).
+pub async fn run_with_sources(
+    client: Client,
+    settings: Settings,
+    keyring: Arc<Keyring>,
+    metrics: Metrics,
+    mut sources: Subscriptions,
     ready: ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -315,6 +332,7 @@ pub async fn run(
         tasks.extend(scope_tasks(
             &client,
             ns.as_deref(),
+            sources.take(ns.as_deref()),
             &ctx,
             &ready,
             &mut everything,

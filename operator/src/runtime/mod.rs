@@ -38,6 +38,7 @@ use crate::config::rollout::Policy;
 use crate::confighash::fetch::{self, FetchError};
 use crate::confighash::keyring::DEFAULT_SECRET_NAME;
 use crate::kubeapi::Scope;
+use crate::sourcewatch::SourceWatch;
 
 /// The operator's flags; each can also be given in the environment variable shown.
 #[derive(Clone, Debug, Parser)]
@@ -236,6 +237,7 @@ pub async fn run(
     // Registered before anything starts, so /readyz cannot pass before the controllers exist.
     let rollout_ready = readiness.handle("config rollout controller");
     let appset_ready = readiness.handle("AppSet controller");
+    let sources_ready = readiness.handle("source watch");
     let shutdown = shutdown.shared();
 
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -261,7 +263,7 @@ pub async fn run(
         &options,
         client,
         metrics,
-        [rollout_ready, appset_ready],
+        [rollout_ready, appset_ready, sources_ready],
         shutdown.clone(),
     );
     let result = match &elector {
@@ -287,12 +289,13 @@ pub async fn run(
     result
 }
 
-/// Reads (or creates) the hash key once, then runs both controllers with it until `shutdown`.
+/// Reads (or creates) the hash key once, then runs both controllers with it, and the one
+/// ConfigMap and Secret metadata watch they share, until `shutdown`.
 async fn controllers(
     options: &Options,
     client: Client,
     metrics: Metrics,
-    [rollout_ready, appset_ready]: [ReadyHandle; 2],
+    [rollout_ready, appset_ready, sources_ready]: [ReadyHandle; 3],
     shutdown: impl Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<(), Error> {
     let keyring = Arc::new(
@@ -303,19 +306,27 @@ async fn controllers(
         )
         .await?,
     );
+    let mut sources = SourceWatch::new(&options.scope());
+    let rollout_sources = sources.subscribe_all();
+    let appset_sources = sources.subscribe_all();
+    let sources = sources.run(&client, &sources_ready, shutdown.clone());
+    sources_ready.ready();
     tokio::join!(
-        crate::config::watch::run(
+        sources,
+        crate::config::watch::run_with_sources(
             client.clone(),
             options.settings(),
             keyring.clone(),
             metrics,
+            rollout_sources,
             rollout_ready,
             shutdown.clone(),
         ),
-        crate::appset::controller::run(
+        crate::appset::controller::run_with_sources(
             client,
             options.appset_settings(),
             keyring,
+            appset_sources,
             appset_ready,
             shutdown,
         ),

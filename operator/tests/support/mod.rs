@@ -7,7 +7,8 @@
 //! the controllers make: lists and gets of what it holds, creates (with a fresh `uid` and
 //! `resourceVersion`), JSON merge and apply patches (merged into the stored object), and
 //! deletes. A test can put objects in before it starts and override any answer (a 404 or a
-//! 409) with [`Fake::fail`].
+//! 409) with [`Fake::fail`]. Every watch is answered with `410 Expired`, so a client's
+//! watches relist again and again: each relist sees the store as it is then.
 
 #![allow(dead_code)]
 
@@ -113,6 +114,14 @@ impl Fake {
             .entry(collection.to_string())
             .or_default()
             .insert(name, obj);
+    }
+
+    /// Removes `name` from `collection` without telling any watch (as if it was deleted while
+    /// the client's watch was down).
+    pub fn remove(&self, collection: &str, name: &str) {
+        if let Some(c) = lock(&self.state).objects.get_mut(collection) {
+            c.remove(name);
+        }
     }
 
     /// The stored object `name` of `collection`.
@@ -291,6 +300,13 @@ fn answer(state: &Mutex<State>, request: Request) -> (u16, Value) {
     let (collection, name, _sub) = split(&request.path);
     let objects = st.objects.entry(collection).or_default();
     match (request.method.as_str(), name) {
+        // Every watch ends at once with 410 Expired: the client relists, each time.
+        ("GET", None) if request.query.split('&').any(|p| p == "watch=true") => (
+            200,
+            json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                   "status": "Failure", "reason": "Expired", "code": 410,
+                   "message": "too old resource version"}}),
+        ),
         ("GET", None) => {
             let selector = label_selector(&request.query);
             let items: Vec<Value> = objects

@@ -1,0 +1,185 @@
+//! The one metadata-only watch of ConfigMaps and Secrets that both controllers share.
+//!
+//! For each part of the [`Scope`] (one namespace, or the whole cluster) there is one watch per
+//! kind, on `Api<PartialObjectMeta<_>>`: kube sends those list and watch requests with the
+//! `Accept: …;as=PartialObjectMetadata` header, so the API server sends metadata only; no
+//! ConfigMap or Secret body crosses the wire here (bodies are read one by one, and only for
+//! the sources a workload being hashed references: [`crate::confighash::fetch`]). Every event
+//! (apply, delete, and each object of a relist) becomes a [`SourceChange`] sent to every
+//! subscriber of that part: config rollout looks the source up in its reverse index, the
+//! AppSet controller in its store of AppSets.
+//!
+//! The subscribers' channels are bounded: when a controller falls behind, the watch waits
+//! (the API server's stream is read more slowly) instead of queueing without limit.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use appset_process::readiness::ReadyHandle;
+use futures::channel::mpsc;
+use futures::{FutureExt, SinkExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tracing::warn;
+
+use crate::confighash::discovery::SourceKind;
+use crate::kubeapi::{self, Namespaced, Scope, api_in};
+
+/// How many changes a subscriber's channel holds before the watch waits for it.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+/// A ConfigMap or Secret whose metadata was seen changing (or listed).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SourceChange {
+    /// ConfigMap or Secret.
+    pub kind: SourceKind,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+struct Part {
+    namespace: Option<String>,
+    subscribers: Vec<mpsc::Sender<SourceChange>>,
+}
+
+/// The shared watch, before it runs: subscribe each controller's parts, then [`Self::run`].
+pub struct SourceWatch {
+    parts: Vec<Part>,
+}
+
+impl SourceWatch {
+    /// One watch per kind for each part of `scope`.
+    pub fn new(scope: &Scope) -> Self {
+        Self {
+            parts: scope
+                .parts()
+                .into_iter()
+                .map(|namespace| Part {
+                    namespace,
+                    subscribers: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The changes of the part `namespace` (`None`: the whole cluster) of the scope. A part
+    /// that is not in the scope yields nothing.
+    pub fn subscribe(&mut self, namespace: Option<&str>) -> mpsc::Receiver<SourceChange> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        if let Some(part) = self
+            .parts
+            .iter_mut()
+            .find(|p| p.namespace.as_deref() == namespace)
+        {
+            part.subscribers.push(tx);
+        }
+        rx
+    }
+
+    /// One subscription for every part of the scope.
+    pub fn subscribe_all(&mut self) -> Subscriptions {
+        let parts: Vec<Option<String>> = self.parts.iter().map(|p| p.namespace.clone()).collect();
+        Subscriptions(
+            parts
+                .into_iter()
+                .map(|ns| {
+                    let rx = self.subscribe(ns.as_deref());
+                    (ns, rx)
+                })
+                .collect(),
+        )
+    }
+
+    /// Runs every watch until `shutdown`. `ready` gives one handle per watch, released at the
+    /// end of its first complete list.
+    pub fn run(
+        self,
+        client: &Client,
+        ready: &ReadyHandle,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let shutdown = shutdown.boxed().shared();
+        let parts: Vec<_> = self
+            .parts
+            .into_iter()
+            .map(|part| {
+                let place = part.namespace.as_deref().unwrap_or("all namespaces");
+                let ns = part.namespace.as_deref();
+                let both = futures::stream::select(
+                    changes::<ConfigMap>(
+                        api_in(client, ns),
+                        SourceKind::ConfigMap,
+                        ready.also(format!("ConfigMap metadata watch ({place})")),
+                    ),
+                    changes::<Secret>(
+                        api_in(client, ns),
+                        SourceKind::Secret,
+                        ready.also(format!("Secret metadata watch ({place})")),
+                    ),
+                );
+                fan_out(both.take_until(shutdown.clone()), part.subscribers)
+            })
+            .collect();
+        async move {
+            futures::future::join_all(parts).await;
+        }
+    }
+}
+
+/// A controller's subscriptions, one per part of the scope.
+pub struct Subscriptions(HashMap<Option<String>, mpsc::Receiver<SourceChange>>);
+
+impl Subscriptions {
+    /// The changes of part `namespace`; a part never subscribed yields nothing.
+    pub fn take(&mut self, namespace: Option<&str>) -> mpsc::Receiver<SourceChange> {
+        self.0
+            .remove(&namespace.map(String::from))
+            .unwrap_or_else(|| mpsc::channel(0).1)
+    }
+}
+
+/// The changes one metadata watch reports.
+fn changes<S: Namespaced>(
+    api: kube::Api<PartialObjectMeta<S>>,
+    kind: SourceKind,
+    ready: ReadyHandle,
+) -> impl Stream<Item = Option<SourceChange>> + Send {
+    let watch = watcher(api, watcher::Config::default()).backoff(kubeapi::watch_backoff());
+    kubeapi::release_on_sync(watch, ready).map(move |ev| match ev {
+        Ok(watcher::Event::Apply(m) | watcher::Event::Delete(m) | watcher::Event::InitApply(m)) => {
+            Some(SourceChange {
+                kind,
+                namespace: m.namespace().unwrap_or_default(),
+                name: m.name_any(),
+            })
+        }
+        Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+        Err(err) => {
+            warn!(kind = kind.as_str(), error = %err, "source metadata watch failed; retrying");
+            None
+        }
+    })
+}
+
+/// Sends each change to every subscriber, waiting for room; a subscriber that went away is
+/// dropped.
+async fn fan_out(
+    changes: impl Stream<Item = Option<SourceChange>> + Send,
+    mut subscribers: Vec<mpsc::Sender<SourceChange>>,
+) {
+    let mut changes = std::pin::pin!(changes);
+    while let Some(change) = changes.next().await {
+        let Some(change) = change else { continue };
+        let mut kept = Vec::with_capacity(subscribers.len());
+        for mut tx in subscribers.drain(..) {
+            if tx.send(change.clone()).await.is_ok() {
+                kept.push(tx);
+            }
+        }
+        subscribers = kept;
+    }
+}
