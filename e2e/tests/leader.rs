@@ -7,7 +7,9 @@
 //!   server's audit log, where each replica's requests carry its identity in the User-Agent)
 //!   and exits.
 //! * SIGSTOP of kube-apiserver for longer than the lease: the leader stops (its fence closes at
-//!   the renew deadline) and, after SIGCONT, exactly one replica leads and rolls the set. This one stops a shared component, so it brings up a control plane of its own
+//!   the renew deadline) and, after SIGCONT, exactly one replica leads and rolls the set. The
+//!   standby's `/healthz` fails while its Lease loop hangs (liveness timeout 2 s) and passes
+//!   again after. This one stops a shared component, so it brings up a control plane of its own
 //!   (`.cluster-leader`, ports from 16940).
 
 use std::path::{Path, PathBuf};
@@ -38,7 +40,20 @@ const TIMING: [&str; 6] = [
 
 /// Starts replica `id` of the operator, leader-elected, its Lease in `home`, watching `watched`.
 fn replica(kubeconfig: &Path, home: &str, watched: &str, id: &str, dir: &Path) -> Result<Process> {
-    let listen = format!("127.0.0.1:{}", free_port()?);
+    replica_with(kubeconfig, home, watched, id, dir, free_port()?, &[])
+}
+
+/// [`replica`] listening on `port`, with `extra` flags.
+fn replica_with(
+    kubeconfig: &Path,
+    home: &str,
+    watched: &str,
+    id: &str,
+    dir: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Result<Process> {
+    let listen = format!("127.0.0.1:{port}");
     let mut args = vec![
         "--namespaces",
         watched,
@@ -51,6 +66,7 @@ fn replica(kubeconfig: &Path, home: &str, watched: &str, id: &str, dir: &Path) -
         "text",
     ];
     args.extend(TIMING);
+    args.extend(extra);
     Process::start(
         &binary("appset-operator")?,
         &args,
@@ -291,7 +307,26 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
     let sets = ns.api::<AppSet>();
     let mut a = replica(&cluster.kubeconfig, &ns.name, &ns.name, "hung-a", &dir)?;
     wait_holder(&leases, "hung-a", Duration::from_secs(30)).await?;
-    let mut b = replica(&cluster.kubeconfig, &ns.name, &ns.name, "hung-b", &dir)?;
+    // The standby's /healthz is watched through the freeze: with a liveness timeout of 2 s,
+    // its Lease loop (each attempt waits up to the 4 s renew deadline) shows as stalled.
+    let b_port = free_port()?;
+    let mut b = replica_with(
+        &cluster.kubeconfig,
+        &ns.name,
+        &ns.name,
+        "hung-b",
+        &dir,
+        b_port,
+        &["--liveness-timeout", "2s"],
+    )?;
+    let healthz = move || {
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://127.0.0.1:{b_port}/healthz"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    };
     sets.create(&PostParams::default(), &appset("db", 3, json!({}))?)
         .await?;
     wait_settled(&client, &ns.name, "db", 3, Duration::from_secs(120))
@@ -319,7 +354,11 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
     })
     .await?;
     let a_stopped = frozen.elapsed();
-    tokio::time::sleep(Duration::from_secs(8).saturating_sub(frozen.elapsed())).await;
+    let mut unhealthy = false;
+    while frozen.elapsed() < Duration::from_secs(8) {
+        unhealthy |= healthz() == "503";
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     signal("CONT")?;
     let resumed = Instant::now();
     // Exactly one replica resumes: the standby takes the Lease (the old leader exited, as a
@@ -331,9 +370,19 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
         .await
         .with_context(|| b.log_tail())?;
     let settled = resumed.elapsed();
+    let healthy_again = wait_for(
+        "the standby healthy again",
+        Duration::from_secs(30),
+        || async {
+            let code = healthz();
+            Ok(if code == "200" { Ok(()) } else { Err(code) })
+        },
+    )
+    .await
+    .is_ok();
     let late = writes_after(&cluster.dir, "hung-a", took_over)?;
     println!(
-        "kube-apiserver stopped for 8s: the leader stopped itself after {:.1}s (renew deadline 4s) with {:?}; after SIGCONT the standby led within {:.1}s and a rolling update made then settled {:.1}s after SIGCONT; old leader's writes after the take-over: {}",
+        "kube-apiserver stopped for 8s: the leader stopped itself after {:.1}s (renew deadline 4s) with {:?}; after SIGCONT the standby led within {:.1}s and a rolling update made then settled {:.1}s after SIGCONT; old leader's writes after the take-over: {}; the standby's /healthz failed during the freeze: {unhealthy}, and passed after: {healthy_again}",
         a_stopped.as_secs_f64(),
         a_exit,
         lead_after.as_secs_f64(),
@@ -353,6 +402,11 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
         late.is_empty(),
         "the old leader wrote after the take-over: {late:#?}"
     );
+    ensure!(
+        unhealthy,
+        "the standby's /healthz never failed while its Lease loop hung"
+    );
+    ensure!(healthy_again, "the standby's /healthz did not pass again");
     ensure!(b.running(), "the standby exited:\n{}", b.log_tail());
     drop(b);
     drop(cluster);

@@ -7,7 +7,7 @@
 //!
 //! | path | answer |
 //! | --- | --- |
-//! | `/healthz` | 200 while the process serves |
+//! | `/healthz` | 200 while the process serves and no loop with work waiting has gone without progress for longer than its timeout ([`crate::liveness`]); else 503 naming them |
 //! | `/readyz` | 200 `standby` while a replica waits for the leader Lease; 200 `ok` once no readiness gate is open; else 503 naming the open gates |
 //! | `/metrics` | the registry in the OpenMetrics text format |
 
@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 
+use crate::liveness::Liveness;
 use crate::readiness::Readiness;
 
 /// The content type of [`metrics`].
@@ -49,9 +50,15 @@ impl Answer {
     }
 }
 
-/// `/healthz`: the process is up and serving.
-pub fn healthz() -> Answer {
-    Answer::text(200, "ok\n")
+/// `/healthz`: 200 while the process serves and no loop of `liveness` is stalled; else 503
+/// naming the stalled loops (the kubelet then restarts the container).
+pub fn healthz(liveness: &Liveness) -> Answer {
+    let stalled = liveness.stalled();
+    if stalled.is_empty() {
+        Answer::text(200, "ok\n")
+    } else {
+        Answer::text(503, format!("stalled: {}\n", stalled.join(", ")))
+    }
 }
 
 /// `/readyz`. A replica on `standby` (waiting for the leader Lease) is ready to take over and
@@ -103,18 +110,27 @@ impl IntoResponse for Answer {
 struct Admin {
     registry: Arc<Registry>,
     readiness: Readiness,
+    liveness: Liveness,
     standby: Arc<AtomicBool>,
 }
 
 /// The axum router for `/metrics`, `/healthz` and `/readyz`; `standby` is read on each
 /// `/readyz`.
-pub fn router(registry: Arc<Registry>, readiness: Readiness, standby: Arc<AtomicBool>) -> Router {
+pub fn router(
+    registry: Arc<Registry>,
+    readiness: Readiness,
+    liveness: Liveness,
+    standby: Arc<AtomicBool>,
+) -> Router {
     Router::new()
         .route(
             "/metrics",
             get(|State(a): State<Admin>| async move { metrics(&a.registry) }),
         )
-        .route("/healthz", get(|| async { healthz() }))
+        .route(
+            "/healthz",
+            get(|State(a): State<Admin>| async move { healthz(&a.liveness) }),
+        )
         .route(
             "/readyz",
             get(|State(a): State<Admin>| async move {
@@ -124,6 +140,7 @@ pub fn router(registry: Arc<Registry>, readiness: Readiness, standby: Arc<Atomic
         .with_state(Admin {
             registry,
             readiness,
+            liveness,
             standby,
         })
 }
@@ -166,6 +183,12 @@ mod tests {
 
     #[test]
     fn healthz_is_ok() {
-        assert_eq!(healthz(), Answer::text(200, "ok\n"));
+        let l = Liveness::new(std::time::Duration::ZERO);
+        assert_eq!(healthz(&l), Answer::text(200, "ok\n"));
+        l.register("Lease loop").demand();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let a = healthz(&l);
+        assert_eq!(a.status, 503);
+        assert!(a.body.contains("Lease loop"), "{}", a.body);
     }
 }

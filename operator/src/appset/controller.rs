@@ -20,6 +20,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use appset_process::liveness::Liveness;
 use appset_process::readiness::ReadyHandle;
 use std::fmt::Debug;
 
@@ -100,6 +101,8 @@ pub struct Settings {
     pub instance: Option<String>,
     /// The pacing of config-driven rollouts (the same flags as for native workloads).
     pub pacing: crate::pacing::Policy,
+    /// Where each watch loop registers its heartbeat (`/healthz`); `None`: not watched.
+    pub liveness: Option<appset_process::liveness::Liveness>,
 }
 
 impl Default for Settings {
@@ -111,6 +114,7 @@ impl Default for Settings {
             burst: 32,
             instance: None,
             pacing: crate::pacing::Policy::default(),
+            liveness: None,
         }
     }
 }
@@ -215,6 +219,17 @@ fn run_scope(
     let sets = watcher(api_in::<AppSet>(client, ns), all())
         .backoff(kubeapi::watch_backoff())
         .reflect(writer);
+    let name = format!("AppSet loop ({place})");
+    let heartbeat = match &ctx.settings.liveness {
+        Some(l) => l.register(name),
+        None => Liveness::new(Duration::MAX).register(name),
+    };
+    let (on_set, on_claim, on_source, on_done) = (
+        heartbeat.clone(),
+        heartbeat.clone(),
+        heartbeat.clone(),
+        heartbeat,
+    );
     let pruner = ctx.clone();
     let part = ns.map(String::from);
     let mut listed: Option<HashSet<ObjectRef<AppSet>>> = None;
@@ -234,7 +249,8 @@ fn run_scope(
             }
             watcher::Event::Apply(_) => {}
         })
-        .applied_objects();
+        .applied_objects()
+        .inspect(move |_| on_set.demand());
     let pods = owned::<Pod>(client, ns, handle("Pod metadata"));
     let revisions = owned::<ControllerRevision>(client, ns, handle("ControllerRevision metadata"));
     let services = owned::<Service>(client, ns, handle("Service metadata"));
@@ -250,16 +266,25 @@ fn run_scope(
             SourceKind::ConfigMap => discovery::SourceName::config_map(c.name),
             SourceKind::Secret => discovery::SourceName::secret(c.name),
         };
-        futures::stream::iter(users_of(&users, source, Some(c.namespace)))
+        let users = users_of(&users, source, Some(c.namespace));
+        if !users.is_empty() {
+            on_source.demand();
+        }
+        futures::stream::iter(users)
     });
     Controller::for_stream(sets, store)
         .owns_stream(pods)
         .owns_stream(revisions)
         .owns_stream(services)
-        .watches_stream(claims, |claim: PersistentVolumeClaim| {
+        .watches_stream(claims, move |claim: PersistentVolumeClaim| {
             let set = claim.labels().get(keys::APPSET_NAME_LABEL).cloned();
-            set.zip(claim.namespace())
-                .map(|(set, ns)| ObjectRef::new(&set).within(&ns))
+            let set = set
+                .zip(claim.namespace())
+                .map(|(set, ns)| ObjectRef::new(&set).within(&ns));
+            if set.is_some() {
+                on_claim.demand();
+            }
+            set
         })
         .reconcile_on(config_users)
         .with_config(
@@ -267,11 +292,14 @@ fn run_scope(
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(err) = res
-                && !matches!(err, kube::runtime::controller::Error::ObjectNotFound(_))
-            {
-                warn!(error = %err, "AppSet controller");
+        .for_each(move |res| {
+            on_done.beat();
+            async move {
+                if let Err(err) = res
+                    && !matches!(err, kube::runtime::controller::Error::ObjectNotFound(_))
+                {
+                    warn!(error = %err, "AppSet controller");
+                }
             }
         })
 }

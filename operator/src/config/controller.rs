@@ -89,6 +89,8 @@ pub struct Settings {
     /// match it now are handled, within `scope`. Followed live: a namespace that gains the
     /// labels is taken up, one that loses them is dropped.
     pub namespace_selector: Option<String>,
+    /// Where each watch loop registers its heartbeat (`/healthz`); `None`: not watched.
+    pub liveness: Option<appset_process::liveness::Liveness>,
 }
 
 impl Default for Settings {
@@ -101,6 +103,7 @@ impl Default for Settings {
             concurrency: 16,
             instance: None,
             namespace_selector: None,
+            liveness: None,
         }
     }
 }

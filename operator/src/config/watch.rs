@@ -27,6 +27,9 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use appset_process::liveness::{Heartbeat, Liveness};
 use appset_process::readiness::ReadyHandle;
 use futures::channel::mpsc;
 use futures::{FutureExt, SinkExt, Stream, StreamExt, TryStreamExt};
@@ -74,6 +77,8 @@ async fn run_kind<K: Workload>(
 ) {
     let (reader, writer) = reflector::store::<K>();
     let forget = ctx.clone();
+    let heartbeat = heartbeat(&ctx, K::KIND.as_str(), part.as_deref());
+    let (on_event, on_trigger, on_done) = (heartbeat.clone(), heartbeat.clone(), heartbeat);
     let watch = watcher(api, watcher::Config::default())
         .backoff(kubeapi::watch_backoff())
         .modify(strip::<K>)
@@ -99,8 +104,12 @@ async fn run_kind<K: Workload>(
         .predicate_filter(
             predicates::generation.combine(predicates::annotations),
             Default::default(),
-        );
-    let triggers = triggers.map(|w| ObjectRef::<K>::new(&w.name).within(&w.namespace));
+        )
+        .inspect(move |_| on_event.demand());
+    let triggers = triggers.map(move |w| {
+        on_trigger.demand();
+        ObjectRef::<K>::new(&w.name).within(&w.namespace)
+    });
     Controller::for_stream(stream, reader)
         .reconcile_on(triggers)
         .reconcile_all_on(reconcile_all)
@@ -109,14 +118,30 @@ async fn run_kind<K: Workload>(
         )
         .graceful_shutdown_on(shutdown)
         .run(controller::reconcile::<K>, error_policy::<K>, ctx)
-        .for_each(|res| async move {
-            if let Err(err) = res
-                && !matches!(err, kube::runtime::controller::Error::ObjectNotFound(_))
-            {
-                warn!(kind = K::KIND.as_str(), error = %err, "config rollout controller");
+        .for_each(move |res| {
+            on_done.beat();
+            async move {
+                if let Err(err) = res
+                    && !matches!(err, kube::runtime::controller::Error::ObjectNotFound(_))
+                {
+                    warn!(kind = K::KIND.as_str(), error = %err, "config rollout controller");
+                }
             }
         })
         .await;
+}
+
+/// The heartbeat of one workload kind's loop in one part of the scope (a detached one when
+/// the settings ask for no liveness).
+fn heartbeat(ctx: &Context, kind: &str, part: Option<&str>) -> Heartbeat {
+    let name = format!(
+        "config rollout {kind} loop ({})",
+        part.unwrap_or("all namespaces")
+    );
+    match &ctx.settings.liveness {
+        Some(l) => l.register(name),
+        None => Liveness::new(Duration::MAX).register(name),
+    }
 }
 
 /// Queues, for each changed source, the workloads that use it.

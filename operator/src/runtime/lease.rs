@@ -27,6 +27,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use appset_process::liveness::Heartbeat;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -251,6 +252,7 @@ pub struct LeaderElector {
     timing: Timing,
     fence: Fence,
     observed: Mutex<Option<(Record, Instant)>>,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl LeaderElector {
@@ -269,7 +271,27 @@ impl LeaderElector {
             timing,
             fence: Fence::elected(),
             observed: Mutex::new(None),
+            heartbeat: None,
         }
+    }
+
+    /// Reports each attempt to `heartbeat`: work when it starts, progress when it ends, so a
+    /// Lease loop that hangs fails `/healthz`.
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
+    }
+
+    /// One attempt, reported to the heartbeat.
+    async fn attempt(&self) -> Result<bool, kube::Error> {
+        if let Some(h) = &self.heartbeat {
+            h.demand();
+        }
+        let result = self.try_hold().await;
+        if let Some(h) = &self.heartbeat {
+            h.beat();
+        }
+        result
     }
 
     /// The fence this elector opens and closes.
@@ -364,7 +386,7 @@ impl LeaderElector {
         loop {
             // An API server that hangs must not hang the standby: the attempt is abandoned
             // (a late take-over write would still carry the resourceVersion it read).
-            let attempt = tokio::time::timeout(self.timing.renew_deadline, self.try_hold()).await;
+            let attempt = tokio::time::timeout(self.timing.renew_deadline, self.attempt()).await;
             match attempt.unwrap_or(Ok(false)) {
                 Ok(true) => {
                     info!(lease = %self.name, identity = %self.identity, "became the leader");
@@ -391,7 +413,7 @@ impl LeaderElector {
             let Some(deadline) = self.fence.until().filter(|d| Instant::now() < *d) else {
                 return self.lose(Lost::Deadline);
             };
-            let attempt = tokio::time::timeout_at(deadline.into(), self.try_hold()).await;
+            let attempt = tokio::time::timeout_at(deadline.into(), self.attempt()).await;
             match attempt {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) if self.fence.lapsed() => return self.lose(Lost::Deadline),

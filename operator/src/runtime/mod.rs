@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use appset_process::liveness::Liveness;
 use appset_process::logging::{self, LogFormat};
 use appset_process::readiness::{Readiness, ReadyHandle};
 use appset_process::{admin, signal};
@@ -99,6 +100,10 @@ pub struct Options {
     /// How long the leader keeps writing without a successful renew; shorter than the lease.
     #[arg(long, env = "APPSET_RENEW_DEADLINE", default_value = "10s", value_parser = duration::parse)]
     pub renew_deadline: Duration,
+    /// How long a controller loop or the Lease loop may have work waiting with no progress
+    /// before `/healthz` fails (and the kubelet restarts the container).
+    #[arg(long, env = "APPSET_LIVENESS_TIMEOUT", default_value = "2m", value_parser = duration::parse)]
+    pub liveness_timeout: Duration,
     /// How often the leader renews and a standby looks at the Lease.
     #[arg(long, env = "APPSET_RETRY_PERIOD", default_value = "2s", value_parser = duration::parse)]
     pub retry_period: Duration,
@@ -130,6 +135,7 @@ impl Options {
                 .namespace_selector
                 .clone()
                 .filter(|s| !s.trim().is_empty()),
+            liveness: None,
         }
     }
 
@@ -211,6 +217,7 @@ pub async fn run(
     let metrics = Metrics::register(&mut registry);
     let client_metrics = client::ClientMetrics::register(&mut registry);
     let identity = options.identity();
+    let liveness = Liveness::new(options.liveness_timeout);
     // The Lease is read and written by a client of its own, outside the fence it opens.
     let lease_client = client::build(
         config.clone(),
@@ -227,6 +234,7 @@ pub async fn run(
             &identity,
             timing,
         )
+        .with_heartbeat(liveness.register("leader Lease loop"))
     });
     let fence = elector
         .as_ref()
@@ -248,7 +256,12 @@ pub async fn run(
         })?;
     info!(addr = %options.listen, "serving /metrics, /healthz and /readyz");
     let standby = Arc::new(AtomicBool::new(options.leader_elect));
-    let app = admin::router(Arc::new(registry), readiness.clone(), standby.clone());
+    let app = admin::router(
+        Arc::new(registry),
+        readiness.clone(),
+        liveness.clone(),
+        standby.clone(),
+    );
     let server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app)
@@ -263,6 +276,7 @@ pub async fn run(
         &options,
         client,
         metrics,
+        liveness,
         [rollout_ready, appset_ready, sources_ready],
         shutdown.clone(),
     );
@@ -295,6 +309,7 @@ async fn controllers(
     options: &Options,
     client: Client,
     metrics: Metrics,
+    liveness: Liveness,
     [rollout_ready, appset_ready, sources_ready]: [ReadyHandle; 3],
     shutdown: impl Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<(), Error> {
@@ -315,7 +330,10 @@ async fn controllers(
         sources,
         crate::config::watch::run_with_sources(
             client.clone(),
-            options.settings(),
+            Settings {
+                liveness: Some(liveness.clone()),
+                ..options.settings()
+            },
             keyring.clone(),
             metrics,
             rollout_sources,
@@ -324,7 +342,10 @@ async fn controllers(
         ),
         crate::appset::controller::run_with_sources(
             client,
-            options.appset_settings(),
+            crate::appset::controller::Settings {
+                liveness: Some(liveness),
+                ..options.appset_settings()
+            },
             keyring,
             appset_sources,
             appset_ready,
