@@ -40,7 +40,7 @@ use appset_crds::{AppSet, keys};
 
 use crate::confighash::discovery::{self, SourceKind};
 use crate::confighash::fetch;
-use crate::confighash::keyring::Keyring;
+use crate::confighash::live::LiveKeyring;
 use crate::kubeapi::{self, Namespaced, Scope, api_in, release_on_sync};
 use crate::sourcewatch::{SourceChange, SourceWatch, Subscriptions};
 
@@ -123,14 +123,14 @@ impl Default for Settings {
 pub struct Context {
     pub(crate) client: Client,
     pub(crate) recorder: Recorder,
-    pub(crate) keyring: Arc<Keyring>,
+    pub(crate) keyring: LiveKeyring,
     pub(crate) settings: Settings,
     failures: Mutex<HashMap<ObjectRef<AppSet>, u32>>,
 }
 
 impl Context {
     /// The shared state of one controller run.
-    pub fn new(client: Client, settings: Settings, keyring: Arc<Keyring>) -> Self {
+    pub fn new(client: Client, settings: Settings, keyring: impl Into<LiveKeyring>) -> Self {
         let reporter = Reporter {
             controller: CONTROLLER_NAME.to_string(),
             instance: settings.instance.clone(),
@@ -138,7 +138,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            keyring,
+            keyring: keyring.into(),
             settings,
             failures: Mutex::new(HashMap::new()),
         }
@@ -163,7 +163,7 @@ impl Context {
 pub async fn run(
     client: Client,
     settings: Settings,
-    keyring: Arc<Keyring>,
+    keyring: impl Into<LiveKeyring>,
     ready: ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -180,7 +180,7 @@ pub async fn run(
 pub async fn run_with_sources(
     client: Client,
     settings: Settings,
-    keyring: Arc<Keyring>,
+    keyring: impl Into<LiveKeyring>,
     mut sources: Subscriptions,
     ready: ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -287,6 +287,8 @@ fn run_scope(
             set
         })
         .reconcile_on(config_users)
+        // A key rotation compares every AppSet again, while the previous key is at hand.
+        .reconcile_all_on(ctx.keyring.rotations())
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )

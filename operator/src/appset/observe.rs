@@ -286,7 +286,7 @@ pub async fn config_hash(
             return Ok(Some(h.to_string()));
         }
     }
-    let now = Digests::of(&ctx.keyring, &fetched.sources);
+    let now = Digests::of(&ctx.keyring.get(), &fetched.sources);
     let recorded = recorded.map(Recorded::bare);
     let kept = rotation::compare(recorded, &now).keep(recorded, &now);
     Ok(Some(kept.to_string()))

@@ -41,7 +41,7 @@ use super::rollout::{Decision, Input, Policy, WorkloadState};
 use crate::confighash::discovery::{self, OptIn};
 use crate::confighash::fetch::{self, FetchError};
 use crate::confighash::hash;
-use crate::confighash::keyring::Keyring;
+use crate::confighash::live::LiveKeyring;
 use crate::confighash::rotation::{Digests, Observed};
 use crate::kubeapi::{self, Namespaced, Scope};
 
@@ -141,7 +141,7 @@ impl Workload for DaemonSet {
 pub struct Context {
     pub(crate) client: Client,
     pub(crate) settings: Settings,
-    pub(crate) keyring: Arc<Keyring>,
+    pub(crate) keyring: LiveKeyring,
     pub(crate) index: Mutex<ReverseIndex>,
     pub(crate) states: Mutex<HashMap<WorkloadRef, WorkloadState>>,
     pub(crate) recorder: Recorder,
@@ -155,7 +155,7 @@ impl Context {
     pub fn new(
         client: Client,
         settings: Settings,
-        keyring: Arc<Keyring>,
+        keyring: impl Into<LiveKeyring>,
         recorder: Recorder,
         metrics: Metrics,
     ) -> Self {
@@ -166,7 +166,7 @@ impl Context {
         Self {
             client,
             settings,
-            keyring,
+            keyring: keyring.into(),
             index: Mutex::new(ReverseIndex::default()),
             states: Mutex::new(HashMap::new()),
             recorder,
@@ -346,8 +346,9 @@ async fn hash_sources<K: Workload>(
     let observed = annotations
         .get(keys::CONFIG_HASH_OBSERVED)
         .and_then(|v| Observed::parse(v));
-    let digests = Digests::of(&ctx.keyring, &fetched.sources);
-    let per_source = hash::per_source(&ctx.keyring.current, &fetched.sources);
+    let keyring = ctx.keyring.get();
+    let digests = Digests::of(&keyring, &fetched.sources);
+    let per_source = hash::per_source(&keyring.current, &fetched.sources);
     Ok(Some(Hashed {
         input: Input {
             observed,

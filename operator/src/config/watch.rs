@@ -48,7 +48,7 @@ use super::controller::{
 };
 use super::index::{SourceRef, WorkloadKind, WorkloadRef};
 use super::metrics::Metrics;
-use crate::confighash::keyring::Keyring;
+use crate::confighash::live::LiveKeyring;
 use crate::kubeapi::{self, api_in};
 use crate::sourcewatch::{SourceChange, SourceWatch, Subscriptions};
 
@@ -112,7 +112,11 @@ async fn run_kind<K: Workload>(
     });
     Controller::for_stream(stream, reader)
         .reconcile_on(triggers)
-        .reconcile_all_on(reconcile_all)
+        // A key rotation compares every workload again, while the previous key is at hand.
+        .reconcile_all_on(futures::stream::select(
+            reconcile_all,
+            ctx.keyring.rotations(),
+        ))
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )
@@ -313,7 +317,7 @@ fn scope_tasks(
 pub async fn run(
     client: Client,
     settings: Settings,
-    keyring: Arc<Keyring>,
+    keyring: impl Into<LiveKeyring>,
     metrics: Metrics,
     ready: ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -331,13 +335,14 @@ pub async fn run(
 pub async fn run_with_sources(
     client: Client,
     settings: Settings,
-    keyring: Arc<Keyring>,
+    keyring: impl Into<LiveKeyring>,
     metrics: Metrics,
     mut sources: Subscriptions,
     ready: ReadyHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    info!(key_id = keyring.current.id(), scope = ?settings.scope, "config rollout controller starting");
+    let keyring: LiveKeyring = keyring.into();
+    info!(key_id = keyring.get().current.id(), scope = ?settings.scope, "config rollout controller starting");
     let reporter = Reporter {
         controller: CONTROLLER_NAME.to_string(),
         instance: settings.instance.clone(),

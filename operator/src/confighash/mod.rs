@@ -11,11 +11,13 @@
 //! 3. [`rotation`] compares the digests of the data now with the digest recorded on the object,
 //!    across a key rotation.
 //!
-//! The keyring is read (or created) once per process by [`fetch::ensure_keyring`] and shared,
-//! as an `Arc`, by the config rollout and AppSet controllers. Everything but [`fetch`] is pure.
+//! The keyring is read (or created) at start by [`fetch::ensure_keyring`], followed live
+//! ([`live`]), and shared by the config rollout and AppSet controllers; a change makes both
+//! compare every object again. Everything but [`fetch`] and [`live`] is pure.
 
 pub mod discovery;
 pub mod fetch;
 pub mod hash;
 pub mod keyring;
+pub mod live;
 pub mod rotation;

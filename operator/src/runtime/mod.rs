@@ -3,12 +3,14 @@
 //! signals and the admin endpoints come from the process shell both binaries share
 //! (`appset-process`).
 //!
-//! Flow of [`main`]: parse [`Options`] → set up logging → build a client → start the HTTP server
-//! (it answers `/healthz` at once; `/readyz` while this replica waits for the leader Lease, and
-//! once it leads, only after every watch of both controllers has listed) → wait for the leader
-//! Lease (when `--leader-elect`) → read (or create) the hash key once → run the controllers
-//! (config rollout and AppSet, sharing the key) until SIGTERM/SIGINT or the loss of
-//! leadership → stop the server.
+//! Flow of [`main`]: parse [`Options`] → set up logging → build the clients (the controllers'
+//! one passes the leader fence, see [`lease`] and [`client`]) → start the HTTP server (it
+//! answers `/healthz` from the loops' heartbeats; `/readyz` while this replica waits for the
+//! leader Lease, and once it leads, only after every watch has listed) → wait for the leader
+//! Lease (when `--leader-elect`) → read (or create) the hash key, then follow its Secret live
+//! → run the one ConfigMap/Secret metadata watch ([`crate::sourcewatch`]) and both controllers
+//! until SIGTERM/SIGINT (then release the Lease) or the loss of leadership (then the
+//! controllers are cancelled and the process exits with an error).
 //!
 //! [`run`] is the same without process concerns (logging, signals). The e2e tests and the
 //! benchmarks call it, or each controller's `run` directly, in-process.
@@ -28,7 +30,7 @@ use appset_process::logging::{self, LogFormat};
 use appset_process::readiness::{Readiness, ReadyHandle};
 use appset_process::{admin, signal};
 use clap::Parser;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use kube::Client;
 use prometheus_client::registry::Registry;
 use tracing::{error, info};
@@ -38,6 +40,7 @@ use crate::config::metrics::Metrics;
 use crate::config::rollout::Policy;
 use crate::confighash::fetch::{self, FetchError};
 use crate::confighash::keyring::DEFAULT_SECRET_NAME;
+use crate::confighash::live::{self, LiveKeyring};
 use crate::kubeapi::Scope;
 use crate::sourcewatch::SourceWatch;
 
@@ -303,8 +306,8 @@ pub async fn run(
     result
 }
 
-/// Reads (or creates) the hash key once, then runs both controllers with it, and the one
-/// ConfigMap and Secret metadata watch they share, until `shutdown`.
+/// Reads (or creates) the hash key, follows its Secret, and runs both controllers with it and
+/// the one ConfigMap and Secret metadata watch they share, until `shutdown`.
 async fn controllers(
     options: &Options,
     client: Client,
@@ -313,7 +316,7 @@ async fn controllers(
     [rollout_ready, appset_ready, sources_ready]: [ReadyHandle; 3],
     shutdown: impl Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<(), Error> {
-    let keyring = Arc::new(
+    let keyring = LiveKeyring::new(
         fetch::ensure_keyring(
             &client,
             &options.operator_namespace,
@@ -321,12 +324,21 @@ async fn controllers(
         )
         .await?,
     );
+    let follow_key = live::follow(
+        client.clone(),
+        &options.operator_namespace,
+        &options.hash_key_secret,
+        keyring.clone(),
+    )
+    .take_until(shutdown.clone())
+    .for_each(|()| async {});
     let mut sources = SourceWatch::new(&options.scope());
     let rollout_sources = sources.subscribe_all();
     let appset_sources = sources.subscribe_all();
     let sources = sources.run(&client, &sources_ready, shutdown.clone());
     sources_ready.ready();
     tokio::join!(
+        follow_key,
         sources,
         crate::config::watch::run_with_sources(
             client.clone(),
