@@ -328,9 +328,15 @@ pub struct AppSetStatus {
     /// The selector as a string, for the scale subresource and HorizontalPodAutoscalers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_selector: Option<String>,
-    /// The keyed digest of the referenced ConfigMaps and Secrets in the update revision.
+    /// The config token of the update revision: the keyed digest of the referenced
+    /// ConfigMaps and Secrets when they last changed, written into the pod template. It stays
+    /// the same across a rotation of the hash key while the data does not change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// `<key id>:<digest>` of the data `configHash` stands for, under the hash key it was last
+    /// compared with; what the next comparison starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
     /// When `configHash` last changed because the referenced config did (the last
     /// config-driven rollout); the next one waits at least `--min-rollout-interval` after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -22,7 +22,7 @@ use super::adopt::{self, PodOwnership};
 use super::controller::{Context, Error, kube_err};
 use super::plan::{self, ClaimInfo, PodInfo, PodPhase};
 use super::{build, revision};
-use crate::confighash::rotation::{self, Digests, Recorded};
+use crate::confighash::rotation::{self, AppSetConfig, Comparison, Digests, Observed};
 use crate::confighash::{discovery, fetch};
 
 use crate::kubeapi::{is_controlled_by, merge_params};
@@ -256,17 +256,16 @@ pub fn claim_infos(t: &Target, claims: &BTreeMap<String, Claim>) -> Vec<ClaimInf
         .collect()
 }
 
-/// The keyed digest of the sources the template references, or `None` when it references
-/// none. A missing required source keeps the previous hash (no rollout to a state the pods
-/// cannot start in) and is reported with a Warning Event. Across a key rotation the recorded
-/// digest is kept while the data is unchanged ([`rotation::Comparison::keep`]): the digest is
-/// part of the revision, so replacing it would roll the set.
+/// The config the template should carry ([`rotation::appset_config`]): `None` when it
+/// references no ConfigMap or Secret. A missing required source keeps what was recorded (no
+/// rollout to a state the pods cannot start in) and is reported with a Warning Event; so is a
+/// digest made with a key the keyring no longer has.
 pub async fn config_hash(
     ctx: &Context,
     set: &AppSet,
     t: &Target,
     previous: Option<&AppSetStatus>,
-) -> Result<Option<String>, Error> {
+) -> Result<Option<AppSetConfig>, Error> {
     let Some(pod_spec) = set.spec.template.spec.as_ref() else {
         return Ok(None);
     };
@@ -275,21 +274,31 @@ pub async fn config_hash(
         return Ok(None);
     }
     let fetched = fetch::sources(&ctx.client, &t.ns, &refs).await?;
-    let recorded = previous.and_then(|s| s.config_hash.as_deref());
+    let token = previous.and_then(|s| s.config_hash.as_deref());
+    let digest = previous
+        .and_then(|s| s.config_digest.as_deref())
+        .and_then(Observed::parse);
     if !fetched.missing.is_empty() {
         let names: Vec<String> = fetched.missing.iter().map(ToString::to_string).collect();
         ctx.event(set, EventType::Warning, "ConfigSourceMissing", "HashConfig", format!(
             "the template references {} which do not exist; the config hash is not updated until they do",
             names.join(", ")
         )).await;
-        if let Some(h) = recorded {
-            return Ok(Some(h.to_string()));
+        if let Some(token) = token {
+            return Ok(Some(AppSetConfig {
+                token: token.to_string(),
+                digest,
+                comparison: Comparison::Unchanged,
+            }));
         }
     }
     let now = Digests::of(&ctx.keyring.get(), &fetched.sources);
-    let recorded = recorded.map(Recorded::bare);
-    let kept = rotation::compare(recorded, &now).keep(recorded, &now);
-    Ok(Some(kept.to_string()))
+    let config = rotation::appset_config(token, digest.as_ref(), &now);
+    if config.comparison == Comparison::UnknownKey {
+        ctx.event(set, EventType::Warning, "ConfigKeyUnknown", "HashConfig",
+            "the config digest was made with a hash key the operator no longer has (the key Secret was replaced without keeping `previous`, or rotated twice before this AppSet was compared); it is recorded again without a rollout. A change of its ConfigMaps or Secrets made at the same time is not rolled out: change the template to roll it if one was.".to_string()).await;
+    }
+    Ok(Some(config))
 }
 
 #[cfg(test)]

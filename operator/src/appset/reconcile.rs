@@ -35,6 +35,7 @@ use super::execute::{self, Templates};
 use super::observe::{self, Claim, Target};
 use super::plan::{self, PlanInput, PodInfo};
 use super::{revision, status};
+use crate::confighash::rotation::Observed;
 use crate::pacing::{self, Paced};
 
 /// The revisions as step 3 left them.
@@ -63,18 +64,29 @@ pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> 
     let now = Timestamp::now();
 
     execute::service(ctx, set, &t).await?;
-    let paced = if set.spec.config_rollout {
+    let (paced, config_digest) = if set.spec.config_rollout {
         let fresh = observe::config_hash(ctx, set, &t, previous).await?;
         let recorded = previous.and_then(|s| s.config_hash.as_deref());
-        pacing::pace(
+        let paced = pacing::pace(
             &ctx.settings.pacing,
             recorded,
-            fresh.as_deref(),
+            fresh.as_ref().map(|c| c.token.as_str()),
             &recorded_pacing(previous),
             now.as_second(),
-        )
+        );
+        // The digest recorded is the one the token in use stands for: a change that waits for
+        // its window keeps the digest of the data before it, so it is not taken as seen.
+        let digest = match (&fresh, &paced.hash) {
+            (Some(c), Some(token)) if *token == c.token => c
+                .digest
+                .as_ref()
+                .map(Observed::to_annotation)
+                .or_else(|| previous.and_then(|s| s.config_digest.clone())),
+            _ => previous.and_then(|s| s.config_digest.clone()),
+        };
+        (paced, digest)
     } else {
-        Paced::default()
+        (Paced::default(), None)
     };
     let config_hash = paced.hash.clone();
     let revs = revisions(ctx, set, &t, config_hash.as_deref(), previous).await?;
@@ -116,6 +128,7 @@ pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> 
         collision_count: revs.collision_count,
         label_selector: super::build::selector_string(&set.spec.selector),
         config_hash,
+        config_digest,
         config_rollout_time: paced.rolled_at.and_then(time_at),
         pending_config_since: paced.pending_since.and_then(time_at),
         volume_claim_templates: claim_status,

@@ -69,6 +69,8 @@ pub struct StatusInput<'a> {
     pub label_selector: String,
     /// The config hash of the update revision, when `configRollout` is on.
     pub config_hash: Option<String>,
+    /// The keyed digest `config_hash` stands for, when `configRollout` is on.
+    pub config_digest: Option<String>,
     /// The last config-driven rollout, when `configRollout` is on.
     pub config_rollout_time: Option<Time>,
     /// A config change waiting for the coalescing window or the minimum interval.
@@ -152,6 +154,7 @@ pub fn compute(input: &StatusInput<'_>) -> StatusOutcome {
             collision_count: Some(input.collision_count),
             label_selector: Some(input.label_selector.clone()),
             config_hash: input.config_hash.clone(),
+            config_digest: input.config_digest.clone(),
             config_rollout_time: input.config_rollout_time.clone(),
             pending_config_since: input.pending_config_since.clone(),
             conditions,
@@ -449,6 +452,7 @@ mod tests {
             collision_count: 0,
             label_selector: "app=web".into(),
             config_hash: Some("h".into()),
+            config_digest: Some("0a:ff".into()),
             config_rollout_time: None,
             pending_config_since: None,
             volume_claim_templates: vec![],

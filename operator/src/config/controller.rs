@@ -394,6 +394,16 @@ async fn act<K: Workload>(
                 sources = hashed.sources,
                 "recorded the config baseline without a rollout"
             );
+            if reason == super::rollout::BaselineReason::UnknownKey {
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    "ConfigKeyUnknown",
+                    "The config baseline was made with a hash key the operator no longer has (the key Secret was replaced without keeping `previous`, or rotated twice before this workload was compared); it is recorded again without a rollout. A change of its ConfigMaps or Secrets made at the same time is not rolled out: restart it if one was.".to_string(),
+                )
+                .await;
+            }
         }
         Decision::Wait { until } => {
             let wait = until.saturating_duration_since(now);

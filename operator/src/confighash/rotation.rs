@@ -15,14 +15,22 @@
 //! | under a key the keyring no longer has | any | `UnknownKey` |
 //!
 //! Config rollout records the key id with the digest ([`Observed`], `<key id>:<digest>` in
-//! an annotation), so it can tell `UnknownKey` apart. An AppSet's `status.configHash` is the
-//! bare digest: without a key id, a digest that matches neither key is `Changed`.
+//! an annotation), so it can tell `UnknownKey` apart. An AppSet records two values
+//! ([`appset_config`]): the token in its pod template (`status.configHash`, part of the
+//! revision) and the keyed digest it stands for (`status.configDigest`, `<key id>:<digest>`).
 //!
 //! What each controller keeps afterwards: config rollout re-records an unchanged baseline under
-//! the current key (the baseline is metadata, so re-recording never rolls). An AppSet keeps the
-//! recorded digest while [`Comparison::is_unchanged`] ([`Comparison::keep`]), because the
-//! digest is part of its revision and replacing it would roll the set; once the previous key is
-//! dropped from the Secret, such an AppSet rolls once.
+//! the current key (the baseline is metadata, so re-recording never rolls). An AppSet keeps its
+//! token while the data is not known to have changed and re-makes only the digest under the
+//! current key, so a rotation never rolls it, nor does a second rotation or dropping
+//! `previous` once it was compared under the new key. Both controllers compare every object
+//! as soon as the keyring changes ([`super::live`]), while `previous` is still there.
+//!
+//! `UnknownKey` (recorded under a key the keyring does not have: the Secret was replaced without
+//! keeping `previous`, or rotated twice before an object was compared) cannot tell a change
+//! from none; both controllers then record again without a rollout and put a Warning Event on
+//! the object. An AppSet recorded before `configDigest` existed (a bare token) compares as
+//! `Changed` once `previous` is gone, and rolls once.
 
 use super::hash::{self, Source};
 use super::keyring::Keyring;
@@ -125,14 +133,48 @@ impl Comparison {
     pub fn is_unchanged(self) -> bool {
         matches!(self, Self::Unchanged | Self::UnchangedUnderPrevious)
     }
+}
 
-    /// The digest that stands for the data now when the recorded one must be kept as long as
-    /// the data is unchanged: the recorded digest then, else the one under the current key.
-    pub fn keep<'a>(self, recorded: Option<Recorded<'a>>, now: &'a Digests) -> &'a str {
-        match recorded {
-            Some(r) if self.is_unchanged() => r.digest,
-            _ => &now.current.digest,
-        }
+/// What an AppSet records about its config: the token its pod template carries (part of the
+/// revision: changing it rolls the set) and the keyed digest the token stands for, under the
+/// key it was last compared with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppSetConfig {
+    /// The value of the template's config hash annotation (`status.configHash`).
+    pub token: String,
+    /// `<key id>:<digest>` of the data now under the current key (`status.configDigest`);
+    /// `None` only when nothing could be hashed and nothing was recorded.
+    pub digest: Option<Observed>,
+    /// How the data now compared with what was recorded.
+    pub comparison: Comparison,
+}
+
+/// The config an AppSet should carry for the data now, from what it recorded: the token
+/// (`recorded_token`) and the digest it stands for (`recorded_digest`; an AppSet recorded
+/// before the digest was kept apart has only the token, a bare digest). The token is kept
+/// whenever the data is not known to have changed, so a key rotation never rolls the set: the
+/// digest alone is re-made under the current key. Changed or first-seen data gets a new token.
+pub fn appset_config(
+    recorded_token: Option<&str>,
+    recorded_digest: Option<&Observed>,
+    now: &Digests,
+) -> AppSetConfig {
+    let recorded = recorded_digest
+        .map(Recorded::from)
+        .or_else(|| recorded_token.map(Recorded::bare));
+    let comparison = compare(recorded, now);
+    let keep = matches!(
+        comparison,
+        Comparison::Unchanged | Comparison::UnchangedUnderPrevious | Comparison::UnknownKey
+    );
+    let token = match recorded_token {
+        Some(t) if keep => t.to_string(),
+        _ => now.current.digest.clone(),
+    };
+    AppSetConfig {
+        token,
+        digest: Some(now.current.clone()),
+        comparison,
     }
 }
 
@@ -236,16 +278,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn keep_holds_the_recorded_digest_only_while_the_data_is_unchanged() {
-        let now = digests("new", Some("old"));
-        for (rec, kept) in [("old", "old"), ("new", "new"), ("other", "new")] {
-            let r = Some(Recorded::bare(rec));
-            assert_eq!(compare(r, &now).keep(r, &now), kept, "recorded {rec}");
-        }
-        assert_eq!(Comparison::Unrecorded.keep(None, &now), "new");
-    }
-
     fn source(value: &str) -> Source {
         use k8s_openapi::api::core::v1::ConfigMap;
         let cm: ConfigMap = serde_json::from_value(serde_json::json!({
@@ -256,7 +288,76 @@ mod tests {
         Source::from_config_map(cm, &crate::confighash::discovery::KeySet::All)
     }
 
+    /// One step of an AppSet's life: the data changes, the key rotates (keeping the old one
+    /// as previous), `previous` is dropped, or the controller compares.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Change,
+        Rotate,
+        DropPrevious,
+        Compare,
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                2 => Just(Op::Change),
+                1 => Just(Op::Rotate),
+                1 => Just(Op::DropPrevious),
+                4 => Just(Op::Compare),
+            ],
+            1..60,
+        )
+    }
+
     proptest! {
+        /// An AppSet's token changes exactly when its data changed since the token was made,
+        /// through any sequence of rotations and drops of `previous`, as long as the
+        /// controller compares after each keyring change (it does: a keyring change compares
+        /// every AppSet) and data changes are compared before the key that saw them is gone.
+        #[test]
+        fn an_appset_rolls_exactly_when_its_data_changed(ops in ops(), seed in any::<u64>()) {
+            let mut key_n = seed;
+            let mut fresh_key = || {
+                key_n = key_n.wrapping_add(1);
+                HashKey::new(key_n.to_le_bytes().repeat(3))
+            };
+            let mut ring = Keyring { current: fresh_key(), previous: None };
+            let mut data = 0u32;
+            let first = appset_config(None, None, &Digests::of(&ring, &[source(&data.to_string())]));
+            let (mut token, mut digest) = (first.token, first.digest);
+            // The data the token was made for; whether the keyring changed since the last
+            // compare (then the next op is a compare, as the controller guarantees).
+            let mut token_data = data;
+            let mut keyring_changed = false;
+            for op in ops {
+                let op = if keyring_changed { Op::Compare } else { op };
+                match op {
+                    Op::Change => data += 1,
+                    Op::Rotate => {
+                        ring = Keyring { current: fresh_key(), previous: Some(ring.current.clone()) };
+                        keyring_changed = true;
+                    }
+                    Op::DropPrevious => {
+                        keyring_changed = ring.previous.take().is_some();
+                    }
+                    Op::Compare => {
+                        keyring_changed = false;
+                        let now = Digests::of(&ring, &[source(&data.to_string())]);
+                        let c = appset_config(Some(&token), digest.as_ref(), &now);
+                        let rolled = c.token != token;
+                        prop_assert_eq!(rolled, data != token_data, "{:?}", c.comparison);
+                        prop_assert_ne!(c.comparison, Comparison::UnknownKey);
+                        if rolled {
+                            token_data = data;
+                        }
+                        token = c.token;
+                        digest = c.digest;
+                    }
+                }
+            }
+        }
+
         /// Across any rotation, real data: unchanged data never compares as changed under
         /// either form of record, and changed data never compares as unchanged.
         #[test]
