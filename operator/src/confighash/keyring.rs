@@ -11,12 +11,16 @@
 //! Secret and the operator's memory: it is never logged (its `Debug` is redacted), and only its
 //! id, a 16-hex-digit hash of it, appears in annotations.
 //!
-//! **Rotation.** Move the value of `key` to `previous`, put 32 fresh random bytes in `key`, and
-//! restart the operator. Workloads whose recorded digest was made with the previous key are
-//! checked against the previous key: when their data did not change they are re-baselined under
-//! the new key without a rollout, and when it did change they roll as usual. A workload whose
-//! recorded digest was made with a key that is neither (for example after the Secret was deleted
-//! and recreated) is re-baselined without a rollout.
+//! **Rotation.** Move the value of `key` to `previous` and put 32 fresh random bytes in `key`.
+//! The operator follows the Secret ([`crate::confighash::live`]) and compares every workload and
+//! AppSet at once: those whose recorded digest was made with the previous key and whose data did
+//! not change are re-baselined under the new key without a rollout; those whose data did change
+//! roll as usual (also when the change and the rotation came together). `previous` can be
+//! dropped once that is done (the operator logs each change of the key; every workload's
+//! `appset.dev/config-hash-observed` and every AppSet's `status.configDigest` then start with the
+//! new key id). A digest made with a key that is neither (the Secret replaced without keeping
+//! `previous`, or deleted and recreated) cannot tell a change from none: it is re-baselined
+//! without a rollout, with a `ConfigKeyUnknown` Warning Event on the object.
 //!
 //! This module is pure: it parses and builds the Secret; the I/O lives in
 //! [`crate::confighash::fetch`].
