@@ -231,6 +231,7 @@ pub const WEBHOOK_CERT_SECRET: &str = "appset-webhook-certs";
 pub struct Webhook {
     configs: Api<MutatingWebhookConfiguration>,
     name: String,
+    probe: Probe,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), appset_webhook::Error>>,
 }
@@ -286,12 +287,7 @@ impl Webhook {
                 let _ = rx.await;
             },
         ));
-        let webhook = Self {
-            configs: configs.clone(),
-            name: name.clone(),
-            stop: Some(tx),
-            task,
-        };
+        let mut stop = Some(tx);
         let bundle = wait_for("the caBundle to be published", READY_DEADLINE, || async {
             let c = configs.get(&name).await?;
             let bundles: Vec<_> = c
@@ -322,7 +318,25 @@ impl Webhook {
             })
         })
         .await?;
-        Ok(webhook)
+        Ok(Self {
+            configs,
+            name,
+            probe,
+            stop: stop.take(),
+            task,
+        })
+    }
+
+    /// The webhook's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let mut conn = self.probe.connect().await?;
+        let (status, body) = conn
+            .send(Method::GET, "/metrics", Default::default())
+            .await?;
+        if status != StatusCode::OK {
+            bail!("/metrics answered {status}");
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     /// Stops the webhook and deletes its configuration.

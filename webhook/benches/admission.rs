@@ -217,7 +217,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..n {
         let s = Instant::now();
         if let Ok((admission::Decision::Inject { .. }, _)) =
-            admission::respond(&body, |_| (all.clone(), None))
+            admission::respond(&body, |_| all.clone())
         {
             patched += 1;
         }

@@ -13,8 +13,6 @@
 //! Requests that are not a Pod CREATE, pods in a namespace the cache knows is not opted in, and
 //! pods annotated `appset.dev/inject: disabled` are allowed unchanged.
 
-use std::collections::BTreeMap;
-
 use appset_crds::PodInjection;
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
@@ -48,6 +46,8 @@ pub struct Request {
     pub name: String,
     /// The object, when present.
     pub object: Option<Value>,
+    /// A dry run (`kubectl apply --dry-run=server`): nothing may happen but the answer.
+    pub dry_run: bool,
 }
 
 #[derive(Deserialize)]
@@ -68,6 +68,7 @@ struct RequestIn {
     namespace: Option<String>,
     name: Option<String>,
     object: Option<Value>,
+    dry_run: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +111,7 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
         namespace: req.namespace.unwrap_or_default(),
         name: req.name.unwrap_or_default(),
         object: req.object,
+        dry_run: req.dry_run.unwrap_or(false),
     })
 }
 
@@ -118,8 +120,6 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
 pub enum Skip {
     /// Not a Pod CREATE.
     NotPodCreate,
-    /// The namespace label cache says the namespace is not opted in.
-    NamespaceNotEnabled,
     /// The pod carries `appset.dev/inject: disabled`.
     OptedOut,
     /// No PodInjection matched, or all that match are already applied.
@@ -157,6 +157,8 @@ pub enum Decision {
         namespace: String,
         /// The PodInjections involved in the conflict, by name.
         injections: Vec<String>,
+        /// The request was a dry run: the denial is answered, not reported as an Event.
+        dry_run: bool,
     },
     /// Denied because the object is not a readable Pod.
     Invalid {
@@ -168,13 +170,10 @@ pub enum Decision {
 }
 
 /// Decides a parsed request. `injections` are the PodInjections held in memory (any namespace:
-/// they are filtered here); `namespace_labels` are the namespace's labels when the cache knows
-/// them.
-pub fn decide<'a, I>(
-    req: &Request,
-    injections: I,
-    namespace_labels: Option<&BTreeMap<String, String>>,
-) -> Decision
+/// they are filtered here). The namespace is not checked again: the API server sent the request
+/// because the namespace matched the configuration's `namespaceSelector`, and a cache of
+/// namespace labels that lags behind must never make a pod skip its injection.
+pub fn decide<'a, I>(req: &Request, injections: I) -> Decision
 where
     I: IntoIterator<Item = &'a PodInjection>,
 {
@@ -185,9 +184,6 @@ where
     };
     if !req.is_pod_create {
         return allow(Skip::NotPodCreate);
-    }
-    if namespace_labels.is_some_and(|l| !matching::namespace_enabled(l)) {
-        return allow(Skip::NamespaceNotEnabled);
     }
     let Some(object) = &req.object else {
         return Decision::Invalid {
@@ -250,6 +246,7 @@ where
                 message: format!("pod {namespace}/{who}: {message}"),
                 namespace,
                 injections,
+                dry_run: req.dry_run,
             }
         }
     }
@@ -294,24 +291,19 @@ impl Decision {
     }
 }
 
-/// Parses, decides and encodes in one step; `lookup` gives the PodInjections and the namespace
-/// labels (when known) for a namespace. Returns the response body or a [`BadRequest`].
+/// Parses, decides and encodes in one step; `lookup` gives the PodInjections of a namespace.
+/// Returns the response body or a [`BadRequest`].
 pub fn respond<F>(body: &[u8], lookup: F) -> Result<(Decision, Vec<u8>), BadRequest>
 where
-    F: FnOnce(
-        &str,
-    ) -> (
-        Vec<std::sync::Arc<PodInjection>>,
-        Option<BTreeMap<String, String>>,
-    ),
+    F: FnOnce(&str) -> Vec<std::sync::Arc<PodInjection>>,
 {
     let req = parse(body)?;
-    let (injections, ns_labels) = if req.is_pod_create {
+    let injections = if req.is_pod_create {
         lookup(&req.namespace)
     } else {
-        (Vec::new(), None)
+        Vec::new()
     };
-    let decision = decide(&req, injections.iter().map(|p| &**p), ns_labels.as_ref());
+    let decision = decide(&req, injections.iter().map(|p| &**p));
     let bytes = serde_json::to_vec(&decision.response(&req.api_version))
         .map_err(|e| BadRequest(format!("cannot encode the response: {e}")))?;
     Ok((decision, bytes))

@@ -20,7 +20,9 @@
 //! * [`serve`] wires them to a cluster; the `appset-webhook` binary is a thin wrapper around it.
 //!
 //! Failure modes this design rules out: only namespaces labelled `appset.dev/injection=enabled`
-//! are sent to the webhook (so an outage cannot block system pods or the webhook's own), lists
+//! are sent to the webhook (so an outage cannot block system pods or the webhook's own), and
+//! the API server's selector is trusted over the webhook's own namespace cache (a lagging cache
+//! cannot skip an injection); a dry run has no side effects (no Event); lists
 //! are appended to and never replaced, pointers are RFC 6901-escaped, and a pod that would not get
 //! what it asked for is denied with a message rather than admitted without it.
 
@@ -62,7 +64,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Watch PodInjections in this namespace only (all namespaces when `None`).
     pub watch_namespace: Option<String>,
-    /// Keep a cache of namespace labels to re-check the opt-in label on each request.
+    /// Keep a cache of namespace labels, compared with the API server's `namespaceSelector` on
+    /// each request (a disagreement is counted, never acted on); readiness waits for it.
     pub namespace_cache: bool,
 }
 
@@ -165,6 +168,20 @@ pub async fn serve_on(
     let resolver = Arc::new(CertResolver::new());
     let readiness = Readiness::new();
     let synced = readiness.handle("PodInjection watch");
+    if let Some(store) = namespaces.clone() {
+        let ns_synced = readiness.handle("Namespace watch");
+        let s = stopped();
+        tasks.spawn(async move {
+            tokio::select! {
+                r = store.wait_until_ready() => {
+                    if r.is_ok() {
+                        ns_synced.ready();
+                    }
+                }
+                () = s => {}
+            }
+        });
+    }
     let state = Arc::new(AppState {
         injections: injections.clone(),
         namespaces,

@@ -6,7 +6,9 @@
 //! * `appset_webhook_denials_total`: pods denied for a conflict;
 //! * `appset_webhook_errors_total`: requests that could not be reviewed, by `kind`
 //!   (`bad_request`, `invalid_object`, `body`);
-//! * `appset_webhook_skipped_total`: pods allowed unchanged, by `reason`.
+//! * `appset_webhook_skipped_total`: pods allowed unchanged, by `reason`;
+//! * `appset_webhook_namespace_cache_stale_total`: requests the API server sent for a namespace
+//!   the webhook's namespace cache did not (yet) show as opted in; they are reviewed as usual.
 //!
 //! Labels are drawn from fixed sets: no pod, namespace or Secret data reaches a metric.
 
@@ -27,6 +29,8 @@ pub struct Metrics {
     denials: Counter,
     errors: Family<Labels, Counter>,
     skipped: Family<Labels, Counter>,
+    /// Requests whose namespace the cache did not show as opted in.
+    pub namespace_cache_stale: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,6 +77,12 @@ impl Metrics {
             errors.clone(),
         );
         registry.register("skipped", "Pods allowed unchanged", skipped.clone());
+        let namespace_cache_stale = Counter::default();
+        registry.register(
+            "namespace_cache_stale",
+            "Requests for a namespace the namespace cache did not show as opted in (reviewed as usual)",
+            namespace_cache_stale.clone(),
+        );
         Self {
             registry,
             latency,
@@ -80,6 +90,7 @@ impl Metrics {
             denials,
             errors,
             skipped,
+            namespace_cache_stale,
         }
     }
 
@@ -89,7 +100,6 @@ impl Metrics {
             Decision::Allow { skip, .. } => {
                 let reason = match skip {
                     Skip::NotPodCreate => "not_pod_create",
-                    Skip::NamespaceNotEnabled => "namespace_not_enabled",
                     Skip::OptedOut => "opted_out",
                     Skip::NothingToDo => "nothing_to_do",
                 };
@@ -153,6 +163,7 @@ mod tests {
                 message: "m".into(),
                 namespace: "ns".into(),
                 injections: vec!["a".into()],
+                dry_run: false,
             },
             0.001,
         );

@@ -12,7 +12,6 @@
 //! closes, open connections finish their current request, and the server waits for them for at
 //! most five seconds.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,19 +58,22 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The PodInjections of `namespace` and the namespace's labels, when the cache knows them.
-    pub fn lookup(
-        &self,
-        namespace: &str,
-    ) -> (Vec<Arc<PodInjection>>, Option<BTreeMap<String, String>>) {
-        let injections = self
-            .injections
-            .state_filter(|pi| pi.metadata.namespace.as_deref() == Some(namespace));
-        let labels = self.namespaces.as_ref().and_then(|s| {
-            s.get(&ObjectRef::new(namespace))
-                .map(|ns| ns.metadata.labels.clone().unwrap_or_default())
-        });
-        (injections, labels)
+    /// The PodInjections of `namespace`.
+    pub fn lookup(&self, namespace: &str) -> Vec<Arc<PodInjection>> {
+        self.injections
+            .state_filter(|pi| pi.metadata.namespace.as_deref() == Some(namespace))
+    }
+
+    /// Whether the namespace cache (when on) disagrees with the API server, which sent a
+    /// request for `namespace` because its `namespaceSelector` matched: the namespace is
+    /// unknown to the cache or not labelled opted in there. Only counted: the API server's
+    /// selector decides.
+    pub fn namespace_cache_is_stale(&self, namespace: &str) -> bool {
+        self.namespaces.as_ref().is_some_and(|s| {
+            s.get(&ObjectRef::new(namespace)).is_none_or(|ns| {
+                !crate::matching::namespace_enabled(&ns.metadata.labels.clone().unwrap_or_default())
+            })
+        })
     }
 
     /// `/readyz`: a serving certificate must be loaded and every readiness gate closed.
@@ -138,7 +140,15 @@ static NO_LOOPS: std::sync::LazyLock<appset_process::liveness::Liveness> =
 /// Reviews one body: the AdmissionReview response, or 400.
 pub fn review(state: &AppState, body: &[u8]) -> Response<Full<Bytes>> {
     let start = Instant::now();
-    match admission::respond(body, |ns| state.lookup(ns)) {
+    let mut stale = false;
+    let reviewed = admission::respond(body, |ns| {
+        stale = state.namespace_cache_is_stale(ns);
+        state.lookup(ns)
+    });
+    if stale {
+        state.metrics.namespace_cache_stale.inc();
+    }
+    match reviewed {
         Ok((decision, bytes)) => {
             state
                 .metrics
@@ -151,10 +161,12 @@ pub fn review(state: &AppState, body: &[u8]) -> Response<Full<Bytes>> {
                     message,
                     namespace,
                     injections,
+                    dry_run,
                     ..
                 } => {
-                    debug!(%message, "pod denied");
-                    if let Some(denials) = &state.denials {
+                    debug!(%message, dry_run, "pod denied");
+                    // A dry run has no side effects: no Event (`sideEffects: None`).
+                    if let Some(denials) = state.denials.as_ref().filter(|_| !dry_run) {
                         for name in injections {
                             let key = ObjectRef::<PodInjection>::new(name).within(namespace);
                             if let Some(pi) = state.injections.get(&key) {

@@ -190,7 +190,7 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
 }
 
 #[test]
-fn lookup_reads_injections_and_namespace_labels_from_memory() {
+fn lookup_reads_injections_from_memory_and_the_namespace_cache_only_counts() {
     use k8s_openapi::api::core::v1::Namespace;
     use kube::core::PartialObjectMeta;
     let (store, mut writer) = reflector::store::<PodInjection>();
@@ -215,21 +215,62 @@ fn lookup_reads_injections_and_namespace_labels_from_memory() {
         readiness: Readiness::new(),
         denials: None,
     };
-    let (found, labels) = state.lookup("site");
+    let found = state.lookup("site");
     assert_eq!(found.len(), 1);
-    assert_eq!(
-        labels.and_then(|l| l.get("appset.dev/injection").cloned()),
-        Some("enabled".to_string())
-    );
-    let (found, labels) = state.lookup("unknown");
-    assert!(found.is_empty());
-    assert_eq!(
-        labels, None,
-        "an unknown namespace is left to the webhook configuration"
-    );
+    assert!(state.lookup("unknown").is_empty());
+    // The cache agrees for "site"; for a namespace it does not know (or shows as not opted in)
+    // it is stale, which is counted, never acted on.
+    assert!(!state.namespace_cache_is_stale("site"));
+    assert!(state.namespace_cache_is_stale("unknown"));
     assert_eq!(
         state.readyz().body,
         "no serving certificate is loaded yet\n",
         "without a certificate the webhook is unready whatever its watches say"
     );
+}
+
+/// A review of `injection()`'s namespace whose pod asks for an init container the injection
+/// also adds under another image: a conflict, denied.
+fn conflicting_review(dry_run: bool) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-dry", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "namespace": "site", "operation": "CREATE", "dryRun": dry_run,
+                "object": {"metadata": {"name": "web", "labels": {"app": "web"}},
+                           "spec": {"containers": [{"name": "nginx", "image": "nginx"}],
+                                    "initContainers": [{"name": "git-clone", "image": "other:1"}]}}
+            }
+        }))
+        .expect("json"),
+    )
+}
+
+#[test]
+fn a_dry_run_denial_is_answered_but_never_reported() {
+    let (store, mut writer) = reflector::store::<PodInjection>();
+    writer.apply_watcher_event(&watcher::Event::Apply(injection()));
+    let (denials, mut rx) = appset_webhook::events::channel(8);
+    let state = AppState {
+        injections: store,
+        namespaces: None,
+        resolver: Arc::new(CertResolver::new()),
+        metrics: Metrics::new(),
+        readiness: Readiness::new(),
+        denials: Some(denials),
+    };
+    let answer = |dry_run| {
+        let r = server::review(&state, &conflicting_review(dry_run));
+        let body = futures::executor::block_on(http_body_util::BodyExt::collect(r.into_body()))
+            .expect("body")
+            .to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).expect("json")
+    };
+    let dry = answer(true);
+    assert_eq!(dry["response"]["allowed"], false, "{dry}");
+    assert!(rx.try_recv().is_err(), "a dry run reported a denial");
+    let real = answer(false);
+    assert_eq!(real["response"]["allowed"], false);
+    assert!(rx.try_recv().is_ok(), "a real denial is reported");
 }

@@ -46,27 +46,15 @@ fn injection(ns: &str) -> Arc<PodInjection> {
     Arc::new(pi)
 }
 
-fn enabled() -> Option<BTreeMap<String, String>> {
-    Some(
-        [(
-            keys::INJECTION_NAMESPACE_LABEL.to_string(),
-            keys::INJECTION_ENABLED.to_string(),
-        )]
-        .into_iter()
-        .collect(),
-    )
-}
-
-fn run(body: &Value, labels: Option<BTreeMap<String, String>>) -> (Decision, Value) {
+fn run(body: &Value) -> (Decision, Value) {
     let bytes = serde_json::to_vec(body).expect("body");
-    let (d, out) =
-        respond(&bytes, |_| (vec![injection("site")], labels)).expect("a well-formed review");
+    let (d, out) = respond(&bytes, |_| vec![injection("site")]).expect("a well-formed review");
     (d, serde_json::from_slice(&out).expect("response is JSON"))
 }
 
 #[test]
 fn patch_is_base64_json_patch_and_uid_is_echoed() {
-    let (d, out) = run(&review("site", nginx(json!({}))), enabled());
+    let (d, out) = run(&review("site", nginx(json!({}))));
     assert!(matches!(d, Decision::Inject { .. }));
     assert_eq!(out["apiVersion"], API_VERSION);
     assert_eq!(out["kind"], "AdmissionReview");
@@ -98,20 +86,14 @@ fn patch_is_base64_json_patch_and_uid_is_echoed() {
 }
 
 #[test]
-fn unlabelled_namespace_opt_out_and_other_operations_are_untouched() {
-    let (d, out) = run(&review("site", nginx(json!({}))), Some(BTreeMap::new()));
-    assert_eq!(
-        d,
-        Decision::Allow {
-            uid: "705ab4f5-6393-11e8-b7cc-42010a800002".into(),
-            skip: Skip::NamespaceNotEnabled
-        }
-    );
-    assert!(out["response"].get("patch").is_none());
-    assert!(out["response"].get("patchType").is_none());
+fn opt_out_and_other_operations_are_untouched() {
+    // The API server sent it: the namespace matched the configuration's namespaceSelector, and
+    // nothing in the webhook second-guesses that.
+    let (d, _) = run(&review("site", nginx(json!({}))));
+    assert!(matches!(d, Decision::Inject { .. }));
 
     let opted_out = nginx(json!({ keys::INJECTION_POD_OPT_OUT: keys::INJECTION_DISABLED }));
-    let (d, _) = run(&review("site", opted_out), enabled());
+    let (d, _) = run(&review("site", opted_out));
     assert!(matches!(
         d,
         Decision::Allow {
@@ -122,7 +104,7 @@ fn unlabelled_namespace_opt_out_and_other_operations_are_untouched() {
 
     let mut update = review("site", nginx(json!({})));
     update["request"]["operation"] = json!("UPDATE");
-    let (d, _) = run(&update, enabled());
+    let (d, _) = run(&update);
     assert!(matches!(
         d,
         Decision::Allow {
@@ -131,11 +113,8 @@ fn unlabelled_namespace_opt_out_and_other_operations_are_untouched() {
         }
     ));
 
-    // Unknown to the cache: trust the webhook configuration's namespaceSelector.
-    let (d, _) = run(&review("site", nginx(json!({}))), None);
-    assert!(matches!(d, Decision::Inject { .. }));
     // Another namespace's PodInjection never applies.
-    let (d, _) = run(&review("elsewhere", nginx(json!({}))), enabled());
+    let (d, _) = run(&review("elsewhere", nginx(json!({}))));
     assert!(matches!(
         d,
         Decision::Allow {
@@ -149,7 +128,7 @@ fn unlabelled_namespace_opt_out_and_other_operations_are_untouched() {
 fn conflicts_are_denied_with_403_and_both_sides() {
     let mut pod = nginx(json!({}));
     pod["spec"]["volumes"] = json!([{"name": "content", "configMap": {"name": "site"}}]);
-    let (_, out) = run(&review("site", pod), enabled());
+    let (_, out) = run(&review("site", pod));
     let r = &out["response"];
     assert_eq!(r["allowed"], false);
     assert_eq!(r["status"]["code"], 403);
@@ -183,21 +162,21 @@ fn malformed_bodies_are_bad_requests() {
 #[test]
 fn unreadable_pod_is_denied_as_invalid() {
     let body = review("site", json!({"spec": {"containers": "nope"}}));
-    let (d, out) = run(&body, enabled());
+    let (d, out) = run(&body);
     assert!(matches!(d, Decision::Invalid { .. }));
     assert_eq!(out["response"]["status"]["code"], 400);
     let mut no_object = review("site", json!(null));
     no_object["request"]
         .as_object_mut()
         .map(|o| o.remove("object"));
-    let (d, _) = run(&no_object, enabled());
+    let (d, _) = run(&no_object);
     assert!(matches!(d, Decision::Invalid { .. }));
 }
 
 /// Checks the contract for one body: a parse error, or a JSON AdmissionReview response that
 /// echoes the uid and carries a decodable patch when it carries one.
 fn check_contract(body: &[u8]) -> Result<(), TestCaseError> {
-    let lookup = |_: &str| (vec![injection("site")], enabled());
+    let lookup = |_: &str| vec![injection("site")];
     match respond(body, lookup) {
         Err(BadRequest(msg)) => prop_assert!(!msg.is_empty()),
         Ok((_, out)) => {
@@ -366,14 +345,14 @@ proptest! {
         injections in prop::collection::vec(arb_injection(), 0..3),
     ) {
         let body = serde_json::to_vec(&review("site", pod.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let (decision, _) = respond(&body, |_| (injections.clone(), enabled()))
+        let (decision, _) = respond(&body, |_| injections.clone())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         if let Decision::Inject { ops, .. } = decision {
             let mut patched = pod.clone();
             crate::patch::apply(&mut patched, &ops).map_err(TestCaseError::fail)?;
             let _: Pod = serde_json::from_value(patched.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let again = serde_json::to_vec(&review("site", patched)).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let (second, _) = respond(&again, |_| (injections.clone(), enabled()))
+            let (second, _) = respond(&again, |_| injections.clone())
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(matches!(second, Decision::Allow { skip: Skip::NothingToDo, .. }), "{second:?}");
         }
