@@ -68,7 +68,7 @@ restart() { # NAME COMMAND...
 log "starting appset-webhook on https://127.0.0.1:$webhook_port"
 KUBECONFIG="$state/webhook.kubeconfig" POD_NAMESPACE="$ns" RUST_LOG=info restart webhook \
   "$target/appset-webhook" --listen "127.0.0.1:$webhook_port" --san 127.0.0.1 \
-  --webhook-configuration "$release-webhook" --log-format text
+  --webhook-configuration "$release-webhook" --log-format text --drain-seconds 1
 log "starting appset-operator (metrics on http://127.0.0.1:$operator_port)"
 KUBECONFIG="$state/operator.kubeconfig" POD_NAMESPACE="$ns" POD_NAME=local-operator RUST_LOG=info restart operator \
   "$target/appset-operator" --leader-elect --listen "127.0.0.1:$operator_port" --log-format text

@@ -277,6 +277,11 @@ impl Webhook {
             },
             watch_namespace: Some(ns.name.clone()),
             namespace_cache: true,
+            // The tests stop webhooks at will: no drain period.
+            limits: appset_webhook::server::Limits {
+                drain: Duration::ZERO,
+                ..Default::default()
+            },
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(appset_webhook::serve_on(

@@ -240,6 +240,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         metrics: Metrics::new(),
         readiness: appset_process::readiness::Readiness::new(),
         denials: None,
+        gate: server::Gate::new(server::Limits {
+            drain: std::time::Duration::ZERO,
+            ..Default::default()
+        }),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

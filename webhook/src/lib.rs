@@ -64,6 +64,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Watch PodInjections in this namespace only (all namespaces when `None`).
     pub watch_namespace: Option<String>,
+    /// Connection, body and drain limits of the HTTPS server.
+    pub limits: server::Limits,
     /// Keep a cache of namespace labels, compared with the API server's `namespaceSelector` on
     /// each request (a disagreement is counted, never acted on); readiness waits for it.
     pub namespace_cache: bool,
@@ -189,6 +191,7 @@ pub async fn serve_on(
         metrics: Metrics::new(),
         readiness: readiness.clone(),
         denials: Some(denials),
+        gate: server::Gate::new(config.limits),
     });
 
     let s = stopped();

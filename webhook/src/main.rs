@@ -52,6 +52,25 @@ struct Args {
     /// How often certificates are checked, in seconds.
     #[arg(long, default_value_t = 60)]
     check_interval_seconds: u64,
+    /// Open connections at most (each serves one request at a time).
+    #[arg(long, env = "APPSET_WEBHOOK_MAX_CONNECTIONS", default_value_t = 256)]
+    max_connections: usize,
+    /// The largest AdmissionReview body accepted, in bytes (413 above).
+    #[arg(long, env = "APPSET_WEBHOOK_MAX_BODY_BYTES", default_value_t = 3 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Bytes of request bodies held in memory at once, across all connections.
+    #[arg(long, env = "APPSET_WEBHOOK_BODY_BUDGET_BYTES", default_value_t = 64 * 1024 * 1024)]
+    body_budget_bytes: usize,
+    /// How long a request body may take to arrive, in seconds (408 after).
+    #[arg(
+        long,
+        env = "APPSET_WEBHOOK_BODY_TIMEOUT_SECONDS",
+        default_value_t = 10
+    )]
+    body_timeout_seconds: u64,
+    /// How long to keep serving after SIGTERM (with /readyz failing), in seconds.
+    #[arg(long, env = "APPSET_WEBHOOK_DRAIN_SECONDS", default_value_t = 15)]
+    drain_seconds: u64,
     /// Log format.
     #[arg(long, env = "APPSET_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     log_format: LogFormat,
@@ -79,6 +98,13 @@ async fn main() -> anyhow::Result<()> {
         },
         watch_namespace: args.watch_namespace,
         namespace_cache: !args.no_namespace_cache,
+        limits: appset_webhook::server::Limits {
+            max_connections: args.max_connections.max(1),
+            max_body: args.max_body_bytes.max(1024),
+            body_budget: args.body_budget_bytes.max(args.max_body_bytes),
+            body_timeout: Duration::from_secs(args.body_timeout_seconds.max(1)),
+            drain: Duration::from_secs(args.drain_seconds),
+        },
     };
     let client = kube::Client::try_default().await?;
     appset_webhook::serve(config, client, signal::shutdown_signal()).await?;

@@ -73,11 +73,19 @@ impl Probe {
         })
     }
 
-    /// Opens a connection (TCP, TLS, HTTP/1.1) that can carry many requests.
-    pub async fn connect(&self) -> Result<Connection, ProbeError> {
+    /// Opens a TLS connection and leaves the bytes to the caller (for clients that misbehave
+    /// on purpose, in tests).
+    pub async fn connect_tls(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProbeError> {
         let tcp = TcpStream::connect(self.addr).await?;
         tcp.set_nodelay(true)?;
-        let tls = self.connector.connect(self.name.clone(), tcp).await?;
+        Ok(self.connector.connect(self.name.clone(), tcp).await?)
+    }
+
+    /// Opens a connection (TCP, TLS, HTTP/1.1) that can carry many requests.
+    pub async fn connect(&self) -> Result<Connection, ProbeError> {
+        let tls = self.connect_tls().await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
@@ -99,6 +107,22 @@ impl Connection {
         path: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ProbeError> {
+        let (status, _, bytes) = self.send_full(method, path, body).await?;
+        Ok((status, bytes))
+    }
+
+    /// Whether the server closed the connection (or it broke).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// [`Self::send`], with the response headers.
+    pub async fn send_full(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ProbeError> {
         self.sender.ready().await?;
         let req = Request::builder()
             .method(method)
@@ -108,7 +132,8 @@ impl Connection {
             .body(Full::new(body))?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await?.to_bytes();
-        Ok((status, bytes))
+        Ok((status, headers, bytes))
     }
 }

@@ -2,15 +2,14 @@
 //!
 //! | route | answer |
 //! | --- | --- |
-//! | `POST /mutate-pods` | an AdmissionReview response (200), or 400 for a body that is not one, 413 above 8 MiB |
+//! | `POST /mutate-pods` | an AdmissionReview response (200); 400 for a body that is not one, 413 above the largest body, 408 when it does not arrive in time, 503 when the body budget is full ([`Limits`]) |
 //! | `GET /healthz` | 200 while the process serves |
-//! | `GET /readyz` | 200 once the PodInjection watch has synced and a certificate is loaded, else 503 |
+//! | `GET /readyz` | 200 once the PodInjection (and namespace) watches have synced and a certificate is loaded; 503 before, and while draining |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! The request path reads only memory: the reflector stores of PodInjections and namespaces and
-//! the certificate resolver. Every connection runs in its own task; on shutdown the listener
-//! closes, open connections finish their current request, and the server waits for them for at
-//! most five seconds.
+//! the certificate resolver. Every connection runs in its own task, at most
+//! [`Limits::max_connections`] at once; on shutdown the server drains (see [`run`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::admission;
 use crate::metrics::Metrics;
@@ -38,8 +37,75 @@ use crate::tls::resolver::CertResolver;
 use appset_process::admin;
 use appset_process::readiness::Readiness;
 
-/// The largest request body read.
-pub const MAX_BODY: usize = 8 * 1024 * 1024;
+/// What one replica takes on at once, and how it shuts down. HTTP/1 serves one request at a
+/// time per connection, so `max_connections` also bounds the requests in flight; the request
+/// bodies held in memory at once are bounded by `body_budget`, whatever the number of clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// The largest request body (413 above it, before reading it).
+    pub max_body: usize,
+    /// Bytes of request bodies held at once, across all connections.
+    pub body_budget: usize,
+    /// How long a request body may take to arrive (408 after), and the longest wait for room
+    /// in the body budget (503 after).
+    pub body_timeout: Duration,
+    /// How long the server keeps serving after shutdown begins, with `/readyz` failing and every
+    /// response closing its connection, so that the endpoints drop the replica and the API
+    /// server stops reusing its connections before they close.
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_body: 3 * 1024 * 1024,
+            body_budget: 64 * 1024 * 1024,
+            body_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The request bodies' memory budget and the draining flag, shared by every connection.
+#[derive(Debug)]
+pub struct Gate {
+    /// The limits in force.
+    pub limits: Limits,
+    draining: std::sync::atomic::AtomicBool,
+    /// Permits of 1 KiB of request body.
+    budget: tokio::sync::Semaphore,
+}
+
+impl Gate {
+    /// A gate enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        let kib = u32::try_from(limits.body_budget.div_ceil(1024)).unwrap_or(u32::MAX);
+        Self {
+            limits,
+            draining: Default::default(),
+            budget: tokio::sync::Semaphore::new(kib as usize),
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn start_drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// KiB permits for a body of `len` bytes (at most the largest body, at least 1 KiB).
+    fn permits_for(&self, len: usize) -> u32 {
+        let len = len.min(self.limits.max_body).max(1);
+        u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX)
+    }
+}
 
 /// Everything a request may read.
 pub struct AppState {
@@ -55,6 +121,8 @@ pub struct AppState {
     pub readiness: Readiness,
     /// Where denials are reported as Events, when they are.
     pub denials: Option<crate::events::Denials>,
+    /// The limits and the draining flag.
+    pub gate: Gate,
 }
 
 impl AppState {
@@ -78,6 +146,9 @@ impl AppState {
 
     /// `/readyz`: a serving certificate must be loaded and every readiness gate closed.
     pub fn readyz(&self) -> admin::Answer {
+        if self.gate.draining() {
+            return admin::unavailable("draining: shutting down");
+        }
         if !self.resolver.is_loaded() {
             return admin::unavailable("no serving certificate is loaded yet");
         }
@@ -109,23 +180,13 @@ fn answer(a: admin::Answer) -> Response<Full<Bytes>> {
 /// Answers one HTTP request.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/mutate-pods") => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    state.metrics.error("body", 0.0);
-                    let too_large = e
-                        .downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some();
-                    return if too_large {
-                        text(StatusCode::PAYLOAD_TOO_LARGE, "request body above 8 MiB\n")
-                    } else {
-                        text(StatusCode::BAD_REQUEST, "cannot read the request body\n")
-                    };
-                }
-            };
-            review(&state, &body)
-        }
+        (&Method::POST, "/mutate-pods") => match read_body(&state, req).await {
+            Ok(body) => review(&state, &body),
+            Err(refusal) => {
+                state.metrics.error("body", 0.0);
+                refusal
+            }
+        },
         // The webhook registers no heartbeats yet: /healthz says the server answers.
         (&Method::GET, "/healthz") => answer(admin::healthz(&NO_LOOPS)),
         (&Method::GET, "/readyz") => answer(state.readyz()),
@@ -136,6 +197,61 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
 
 static NO_LOOPS: std::sync::LazyLock<appset_process::liveness::Liveness> =
     std::sync::LazyLock::new(|| appset_process::liveness::Liveness::new(std::time::Duration::MAX));
+
+/// Reads a request body within the limits: 413 when it says (or turns out) to be above the
+/// largest body, 503 when the body budget has no room for it in time, 408 when it does not
+/// arrive in time, 400 when it breaks off.
+async fn read_body(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+    let limits = state.gate.limits;
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body above {} bytes\n", limits.max_body),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limits.max_body) {
+        return Err(too_large());
+    }
+    let permits = state.gate.permits_for(declared.unwrap_or(limits.max_body));
+    let _held =
+        match tokio::time::timeout(limits.body_timeout, state.gate.budget.acquire_many(permits))
+            .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many request bodies in flight\n",
+                ));
+            }
+        };
+    let read = Limited::new(req.into_body(), limits.max_body).collect();
+    match tokio::time::timeout(limits.body_timeout, read).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Ok(Err(_)) => Err(text(
+            StatusCode::BAD_REQUEST,
+            "cannot read the request body\n",
+        )),
+        Err(_) => Err(text(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive in time\n",
+        )),
+    }
+}
 
 /// Reviews one body: the AdmissionReview response, or 400.
 pub fn review(state: &AppState, body: &[u8]) -> Response<Full<Bytes>> {
@@ -207,7 +323,12 @@ pub enum ServerError {
     Tls(#[from] rustls::Error),
 }
 
-/// Serves HTTPS on `listener` until `shutdown` completes.
+/// Serves HTTPS on `listener`. When `shutdown` completes the server drains: for
+/// `limits.drain` it keeps accepting and answering, with `/readyz` failing and every response
+/// asking for its connection to be closed (`Connection: close`), so the API server opens fresh
+/// connections (to other replicas, once the endpoints dropped this one) instead of sending on
+/// one that is about to close; then it stops accepting, lets each connection finish its current
+/// request, and waits for them for at most five seconds.
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -215,18 +336,33 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let acceptor = TlsAcceptor::from(state.resolver.server_config()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.gate.limits.max_connections.max(1),
+    ));
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
+        let accept = async {
+            let slot = slots.clone().acquire_owned().await;
+            (slot, listener.accept().await)
+        };
+        let (slot, tcp, peer) = tokio::select! {
+            () = &mut shutdown, if drain_until.is_none() => {
+                state.gate.start_drain();
+                info!(drain = ?state.gate.limits.drain, "shutting down: draining");
+                drain_until = Some(tokio::time::Instant::now() + state.gate.limits.drain);
+                continue;
+            }
+            () = sleep_until_or_never(drain_until) => break,
+            (slot, accepted) = accept => match (slot, accepted) {
+                (Ok(slot), Ok((tcp, peer))) => (slot, tcp, peer),
+                (_, Err(e)) => {
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+                (Err(_), _) => break,
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
@@ -234,6 +370,7 @@ pub async fn run(
         let state = state.clone();
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
+            let _slot = slot;
             let _ = tcp.set_nodelay(true);
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -249,7 +386,16 @@ pub async fn run(
                 };
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, req).await) }
+                async move {
+                    let mut response = handle(state.clone(), req).await;
+                    if state.gate.draining() {
+                        response.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             // The header timer also runs while a keep-alive connection is idle. It is longer than
             // the API server's idle timeout (90 s), so the API server closes an idle connection
@@ -280,4 +426,12 @@ pub async fn run(
     })
     .await;
     Ok(())
+}
+
+/// Completes at `at`, or never when there is no `at`.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

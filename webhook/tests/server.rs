@@ -63,6 +63,7 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
         metrics: Metrics::new(),
         readiness,
         denials: None,
+        gate: quick_gate(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -127,7 +128,7 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
         .send(
             Method::POST,
             "/mutate-pods",
-            Bytes::from(vec![b' '; server::MAX_BODY + 1]),
+            Bytes::from(vec![b' '; server::Limits::default().max_body + 1]),
         )
         .await
         .expect("large body");
@@ -214,6 +215,7 @@ fn lookup_reads_injections_from_memory_and_the_namespace_cache_only_counts() {
         metrics: Metrics::new(),
         readiness: Readiness::new(),
         denials: None,
+        gate: quick_gate(),
     };
     let found = state.lookup("site");
     assert_eq!(found.len(), 1);
@@ -259,6 +261,7 @@ fn a_dry_run_denial_is_answered_but_never_reported() {
         metrics: Metrics::new(),
         readiness: Readiness::new(),
         denials: Some(denials),
+        gate: quick_gate(),
     };
     let answer = |dry_run| {
         let r = server::review(&state, &conflicting_review(dry_run));
@@ -273,4 +276,199 @@ fn a_dry_run_denial_is_answered_but_never_reported() {
     let real = answer(false);
     assert_eq!(real["response"]["allowed"], false);
     assert!(rx.try_recv().is_ok(), "a real denial is reported");
+}
+
+/// Default limits without a drain period.
+fn quick_gate() -> server::Gate {
+    server::Gate::new(server::Limits {
+        drain: std::time::Duration::ZERO,
+        ..Default::default()
+    })
+}
+
+/// A server on loopback with `limits`, one PodInjection and a loaded certificate; its probe,
+/// and the sender that starts its shutdown.
+async fn start(
+    limits: server::Limits,
+) -> (
+    Probe,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), server::ServerError>>,
+) {
+    let m =
+        material::create(&Policy::default(), time::OffsetDateTime::now_utc()).expect("material");
+    let resolver = Arc::new(CertResolver::new());
+    assert!(resolver.load_pem(&m.tls_cert, &m.tls_key).expect("load"));
+    let (store, mut writer) = reflector::store::<PodInjection>();
+    writer.apply_watcher_event(&watcher::Event::Apply(injection()));
+    let state = Arc::new(AppState {
+        injections: store,
+        namespaces: None,
+        resolver,
+        metrics: Metrics::new(),
+        readiness: Readiness::new(),
+        denials: None,
+        gate: server::Gate::new(limits),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(listener, state, async move {
+        let _ = stop_rx.await;
+    }));
+    (
+        Probe::new(addr, "127.0.0.1", &m.bundle()).expect("probe"),
+        stop_tx,
+        server,
+    )
+}
+
+#[tokio::test]
+async fn on_shutdown_the_server_drains_before_it_stops() {
+    use std::time::{Duration, Instant};
+    let drain = Duration::from_millis(1500);
+    let (probe, stop, server) = start(server::Limits {
+        drain,
+        ..Default::default()
+    })
+    .await;
+    let mut kept = probe.connect().await.expect("connect");
+    let (status, headers, _) = kept
+        .send_full(Method::POST, "/mutate-pods", review())
+        .await
+        .expect("review");
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers.get("connection").is_none(),
+        "kept alive while serving"
+    );
+    let began = Instant::now();
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Draining: still answering, on kept-alive and new connections alike, unready, and asking
+    // each client to close its connection after the answer.
+    let (status, headers, _) = kept
+        .send_full(Method::POST, "/mutate-pods", review())
+        .await
+        .expect("a review on a kept-alive connection while draining");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        kept.is_closed(),
+        "the connection was closed after its answer"
+    );
+    let mut fresh = probe
+        .connect()
+        .await
+        .expect("a new connection while draining");
+    let (status, body) = fresh
+        .send(Method::GET, "/readyz", Bytes::new())
+        .await
+        .expect("readyz");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body).contains("draining"));
+    let mut fresh = probe
+        .connect()
+        .await
+        .expect("a new connection while draining");
+    let (status, _) = fresh
+        .send(Method::POST, "/mutate-pods", review())
+        .await
+        .expect("review while draining");
+    assert_eq!(status, StatusCode::OK);
+    // Then it stops: after the drain period, not before.
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stops")
+        .expect("join")
+        .expect("server");
+    assert!(
+        began.elapsed() >= drain,
+        "stopped after {:?}",
+        began.elapsed()
+    );
+    assert!(probe.connect().await.is_err(), "no longer accepting");
+}
+
+#[tokio::test]
+async fn oversized_and_slow_clients_are_refused_and_others_still_answered() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    let limits = server::Limits {
+        max_connections: 4,
+        max_body: 64 * 1024,
+        body_budget: 128 * 1024,
+        body_timeout: Duration::from_millis(500),
+        drain: Duration::ZERO,
+    };
+    let (probe, stop, server) = start(limits).await;
+    // Above the largest body: refused from the declared length.
+    let mut conn = probe.connect().await.expect("connect");
+    let (status, _) = conn
+        .send(
+            Method::POST,
+            "/mutate-pods",
+            Bytes::from(vec![b' '; 100 * 1024]),
+        )
+        .await
+        .expect("oversized");
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Slow clients: each declares 60 KiB and sends 10 bytes. Two fill the body budget (each
+    // holds 60 KiB of it), and all four connection slots are taken.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut tls = probe.connect_tls().await.expect("tls");
+        tls.write_all(
+            b"POST /mutate-pods HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 61440\r\n\r\n{\"request\"",
+        )
+        .await
+        .expect("write");
+        tls.flush().await.expect("flush");
+        slow.push(tls);
+    }
+    // A well-behaved client gets through once the slow ones time out (408 or 503 for them),
+    // within about one body timeout plus one budget wait.
+    let sent = Instant::now();
+    let mut good = tokio::time::timeout(Duration::from_secs(5), probe.connect())
+        .await
+        .expect("connected in time")
+        .expect("connect");
+    let (status, _) = good
+        .send(Method::POST, "/mutate-pods", review())
+        .await
+        .expect("review");
+    let waited = sent.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+    let mut answers = Vec::new();
+    for mut tls in slow {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf))
+            .await
+            .map(|r| r.unwrap_or(0))
+            .unwrap_or(0);
+        answers.push(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    for a in &answers {
+        assert!(
+            a.contains(" 408 ") || a.contains(" 503 "),
+            "a slow client got {a:?} ({answers:?})"
+        );
+    }
+    let _ = stop.send(());
+    let _ = server.await;
 }
