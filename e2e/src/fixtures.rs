@@ -158,6 +158,26 @@ pub fn annotation<K: Resource>(obj: &K, key: &str) -> Option<String> {
         .and_then(|a| a.get(key).cloned())
 }
 
+/// Waits (up to a minute) until config rollout has recorded a baseline on `name`
+/// (`appset.dev/config-hash-observed`); returns the object then.
+pub async fn wait_adopted<K>(api: &Api<K>, name: &str) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    crate::wait_for(
+        &format!("{name} to be adopted"),
+        Duration::from_secs(60),
+        || async {
+            let obj = api.get(name).await?;
+            Ok(match annotation(&obj, keys::CONFIG_HASH_OBSERVED) {
+                Some(_) => Ok(obj),
+                None => Err("no baseline yet".to_string()),
+            })
+        },
+    )
+    .await
+}
+
 /// The config hash in a Deployment's pod template.
 pub fn template_hash(d: &Deployment) -> Option<String> {
     d.spec

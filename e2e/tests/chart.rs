@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use appset_e2e::fixtures::wait_adopted;
 use appset_e2e::process::{
     Process, binary, free_port, run, run_ok, scratch_dir, service_account_kubeconfig,
 };
@@ -523,20 +524,7 @@ async fn leader_election_hands_over_and_an_in_flight_rollout_completes() -> Resu
             }))?,
         )
         .await?;
-    wait_for("the baseline", Duration::from_secs(30), || async {
-        let a = deployments
-            .get("app")
-            .await?
-            .metadata
-            .annotations
-            .unwrap_or_default();
-        Ok(if a.contains_key("appset.dev/config-hash-observed") {
-            Ok(())
-        } else {
-            Err(format!("{a:?}"))
-        })
-    })
-    .await?;
+    wait_adopted(&deployments, "app").await?;
     // Only the leader acts: the standby's log shows no reconcile.
     let standby_log = std::fs::read_to_string(&second.log).unwrap_or_default();
     assert!(

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use appset_crds::keys;
 use appset_e2e::fixtures::{
     annotation, auto, config_map, create, deployment, merge_patch, pod_template, secret,
-    template_hash,
+    template_hash, wait_adopted,
 };
 use appset_e2e::runners::ConfigRollout;
 use appset_e2e::{TestNamespace, wait_for};
@@ -23,8 +23,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
-use kube::{Api, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
 const WINDOW: Duration = Duration::from_secs(1);
@@ -77,20 +76,6 @@ async fn wait_replica_sets(ns: &TestNamespace, deploy: &str, n: usize) -> Result
 }
 
 /// Waits until the controller has recorded its baseline on the workload.
-async fn wait_adopted<K>(api: &Api<K>, name: &str) -> Result<K>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    wait_for(&format!("{name} to be adopted"), DEADLINE, || async {
-        let obj = api.get(name).await?;
-        Ok(match annotation(&obj, keys::CONFIG_HASH_OBSERVED) {
-            Some(_) => Ok(obj),
-            None => Err("no baseline yet".to_string()),
-        })
-    })
-    .await
-}
-
 async fn events_for(ns: &TestNamespace, name: &str, reason: &str) -> Result<Vec<Event>> {
     let all = ns.api::<Event>().list(&ListParams::default()).await?;
     Ok(all

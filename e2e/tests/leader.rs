@@ -142,6 +142,18 @@ fn writes_total(cluster_dir: &Path, id: &str) -> Result<usize> {
     writes_after(cluster_dir, id, Timestamp::UNIX_EPOCH).map(|w| w.len())
 }
 
+/// Waits up to `timeout` for `p` to exit, off the async threads; the process and its status.
+async fn exit_within(
+    mut p: Process,
+    timeout: Duration,
+) -> Result<(Process, Option<std::process::ExitStatus>)> {
+    Ok(tokio::task::spawn_blocking(move || {
+        let status = p.wait_exit(timeout);
+        (p, status)
+    })
+    .await?)
+}
+
 fn shared_cluster_dir() -> Result<PathBuf> {
     Ok(std::env::var_os("APPSET_CLUSTER_DIR")
         .context("APPSET_CLUSTER_DIR; run the suite through `make e2e`")?
@@ -171,7 +183,7 @@ async fn sigterm_hands_the_lease_over_in_under_two_seconds() -> Result<()> {
     let dir = scratch_dir(&home.name)?;
     let kubeconfig = kubeconfig_from_env()?;
     let leases = home.api::<Lease>();
-    let mut a = replica(&kubeconfig, &home.name, &home.name, "term-a", &dir)?;
+    let a = replica(&kubeconfig, &home.name, &home.name, "term-a", &dir)?;
     wait_holder(&leases, "term-a", Duration::from_secs(30)).await?;
     let mut b = replica(&kubeconfig, &home.name, &home.name, "term-b", &dir)?;
     // The standby is up and looking at the Lease.
@@ -189,11 +201,7 @@ async fn sigterm_hands_the_lease_over_in_under_two_seconds() -> Result<()> {
     a.signal("TERM")?;
     wait_holder(&leases, "term-b", Duration::from_secs(30)).await?;
     let handover = sent.elapsed();
-    let status = tokio::task::spawn_blocking(move || {
-        let s = a.wait_exit(Duration::from_secs(20));
-        (a, s)
-    })
-    .await?;
+    let status = exit_within(a, Duration::from_secs(20)).await?;
     let (a, exit) = status;
     println!(
         "leader hand-over on SIGTERM: {:.2}s (lease duration 6s); old leader exited: {:?}",
@@ -230,7 +238,7 @@ async fn a_paused_leader_writes_nothing_after_the_standby_took_over() -> Result<
     let cluster_dir = shared_cluster_dir()?;
     let leases = home.api::<Lease>();
     let sets = home.api::<AppSet>();
-    let mut a = replica(
+    let a = replica(
         &kubeconfig,
         &home.name,
         &home.name,
@@ -260,11 +268,7 @@ async fn a_paused_leader_writes_nothing_after_the_standby_took_over() -> Result<
         .await
         .with_context(|| b.log_tail())?;
     a.signal("CONT")?;
-    let (mut a, exit) = tokio::task::spawn_blocking(move || {
-        let s = a.wait_exit(Duration::from_secs(20));
-        (a, s)
-    })
-    .await?;
+    let (mut a, exit) = exit_within(a, Duration::from_secs(20)).await?;
     // Give anything the old leader might still send time to reach the audit log.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let late = writes_after(&cluster_dir, &a_id, took_over)?;
@@ -305,7 +309,7 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
     let dir = scratch_dir(&ns.name)?;
     let leases = ns.api::<Lease>();
     let sets = ns.api::<AppSet>();
-    let mut a = replica(&cluster.kubeconfig, &ns.name, &ns.name, "hung-a", &dir)?;
+    let a = replica(&cluster.kubeconfig, &ns.name, &ns.name, "hung-a", &dir)?;
     wait_holder(&leases, "hung-a", Duration::from_secs(30)).await?;
     // The standby's /healthz is watched through the freeze: with a liveness timeout of 2 s,
     // its Lease loop (each attempt waits up to the 4 s renew deadline) shows as stalled.
@@ -348,11 +352,7 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
     };
     let frozen = Instant::now();
     signal("STOP")?;
-    let (a, a_exit) = tokio::task::spawn_blocking(move || {
-        let s = a.wait_exit(Duration::from_secs(12));
-        (a, s)
-    })
-    .await?;
+    let (a, a_exit) = exit_within(a, Duration::from_secs(12)).await?;
     let a_stopped = frozen.elapsed();
     let mut unhealthy = false;
     while frozen.elapsed() < Duration::from_secs(8) {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, ensure};
 use appset_crds::{AppSet, keys};
 use appset_e2e::fixtures::{
     annotation, appset_with_spec, auto, config_map, create, deployment, merge_patch, pod_template,
-    template_hash,
+    template_hash, wait_adopted,
 };
 use appset_e2e::process::{Process, binary, free_port, run_ok, scratch_dir};
 use appset_e2e::{TestNamespace, wait_for};
@@ -26,6 +26,41 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use serde_json::json;
+
+/// Starts the operator binary for `ns` (its hash key Secret there too) with `extra` flags, and
+/// waits until `/readyz` passes; the process and the port of its endpoints.
+async fn operator(ns: &TestNamespace, extra: &[&str]) -> Result<(Process, u16)> {
+    let dir = scratch_dir(&ns.name)?;
+    let kubeconfig = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--namespaces",
+        &ns.name,
+        "--listen",
+        &listen,
+        "--log-format",
+        "text",
+    ];
+    args.extend(extra);
+    let op = Process::start(
+        &binary("appset-operator")?,
+        &args,
+        &[("KUBECONFIG", &kubeconfig), ("POD_NAMESPACE", &ns.name)],
+        dir.join("operator.log"),
+    )?;
+    wait_for("the operator ready", Duration::from_secs(60), || async {
+        Ok(
+            match run_ok("curl", &["-sf", &format!("http://127.0.0.1:{port}/readyz")]) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+        )
+    })
+    .await
+    .with_context(|| op.log_tail())?;
+    Ok((op, port))
+}
 
 /// The operator's `appset_apiserver_response_bytes_total`, scraped from `/metrics`.
 fn bytes_received(port: u16) -> Result<u64> {
@@ -58,33 +93,7 @@ async fn quiet(port: u16) -> Result<u64> {
 #[tokio::test]
 async fn two_hundred_large_secrets_cost_only_their_metadata() -> Result<()> {
     let ns = TestNamespace::new("op-bytes").await?;
-    let dir = scratch_dir(&ns.name)?;
-    let kubeconfig = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
-    let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let op = Process::start(
-        &binary("appset-operator")?,
-        &[
-            "--namespaces",
-            &ns.name,
-            "--listen",
-            &listen,
-            "--log-format",
-            "text",
-        ],
-        &[("KUBECONFIG", &kubeconfig), ("POD_NAMESPACE", &ns.name)],
-        dir.join("operator.log"),
-    )?;
-    wait_for("the operator ready", Duration::from_secs(60), || async {
-        Ok(
-            match run_ok("curl", &["-sf", &format!("http://127.0.0.1:{port}/readyz")]) {
-                Ok(_) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            },
-        )
-    })
-    .await
-    .with_context(|| op.log_tail())?;
+    let (op, port) = operator(&ns, &[]).await?;
     let before = quiet(port).await?;
 
     let secrets = ns.api::<Secret>();
@@ -115,21 +124,9 @@ async fn two_hundred_large_secrets_cost_only_their_metadata() -> Result<()> {
             }))?,
         )
         .await?;
-    wait_for("the baseline", Duration::from_secs(30), || async {
-        let a = deployments
-            .get("app")
-            .await?
-            .metadata
-            .annotations
-            .unwrap_or_default();
-        Ok(if a.contains_key("appset.dev/config-hash-observed") {
-            Ok(())
-        } else {
-            Err(format!("{a:?}"))
-        })
-    })
-    .await
-    .with_context(|| op.log_tail())?;
+    wait_adopted(&deployments, "app")
+        .await
+        .with_context(|| op.log_tail())?;
     let hashed = quiet(port).await? - after;
     println!(
         "200 Secrets of 64 KiB ({:.1} MiB as objects): the operator received {:.1} KiB while they were created ({:.0} bytes each, {:.2} % of their size); hashing the one a Deployment references then cost {:.1} KiB",
@@ -243,26 +240,11 @@ async fn write_key(secrets: &Api<Secret>, key: &[u8], previous: Option<&[u8]>) -
 async fn two_key_rotations_roll_only_the_workload_whose_data_changed() -> Result<()> {
     let ns = TestNamespace::new("op-rotate").await?;
     let dir = scratch_dir(&ns.name)?;
-    let kubeconfig = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
-    let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let op = Process::start(
-        &binary("appset-operator")?,
-        &[
-            "--namespaces",
-            &ns.name,
-            "--listen",
-            &listen,
-            "--coalesce-window",
-            "1s",
-            "--min-rollout-interval",
-            "1s",
-            "--log-format",
-            "text",
-        ],
-        &[("KUBECONFIG", &kubeconfig), ("POD_NAMESPACE", &ns.name)],
-        dir.join("operator.log"),
-    )?;
+    let (op, _) = operator(
+        &ns,
+        &["--coalesce-window", "1s", "--min-rollout-interval", "1s"],
+    )
+    .await?;
     let cms = ns.api::<ConfigMap>();
     let deployments = ns.api::<Deployment>();
     let sets = ns.api::<AppSet>();

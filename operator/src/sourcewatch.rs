@@ -80,6 +80,19 @@ impl SourceWatch {
         rx
     }
 
+    /// A watch for one controller alone (run without the operator's shared one, as the e2e
+    /// tests do): its subscriptions, and the future that runs it until `shutdown`.
+    pub fn alone(
+        client: &Client,
+        scope: &Scope,
+        ready: &ReadyHandle,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (Subscriptions, impl Future<Output = ()> + Send + 'static) {
+        let mut watch = Self::new(scope);
+        let sources = watch.subscribe_all();
+        (sources, watch.run(client, ready, shutdown))
+    }
+
     /// One subscription for every part of the scope.
     pub fn subscribe_all(&mut self) -> Subscriptions {
         let parts: Vec<Option<String>> = self.parts.iter().map(|p| p.namespace.clone()).collect();

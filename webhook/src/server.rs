@@ -139,7 +139,10 @@ impl AppState {
     pub fn namespace_cache_is_stale(&self, namespace: &str) -> bool {
         self.namespaces.as_ref().is_some_and(|s| {
             s.get(&ObjectRef::new(namespace)).is_none_or(|ns| {
-                !crate::matching::namespace_enabled(&ns.metadata.labels.clone().unwrap_or_default())
+                !ns.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(crate::matching::namespace_enabled)
             })
         })
     }

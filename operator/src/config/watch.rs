@@ -323,9 +323,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let shutdown = shutdown.boxed().shared();
-    let mut watch = SourceWatch::new(&settings.scope);
-    let sources = watch.subscribe_all();
-    let watch = watch.run(&client, &ready, shutdown.clone());
+    let (sources, watch) = SourceWatch::alone(&client, &settings.scope, &ready, shutdown.clone());
     let controller = run_with_sources(client, settings, keyring, metrics, sources, ready, shutdown);
     futures::future::join(watch, controller).await;
 }
