@@ -636,7 +636,12 @@ async fn replicas_agree_on_one_certificate() -> Result<()> {
             .map(|_| {
                 let r = Arc::new(CertResolver::new());
                 (
-                    TlsManager::new(ns.client.clone(), config.clone(), r.clone()),
+                    TlsManager::new(
+                        ns.client.clone(),
+                        config.clone(),
+                        r.clone(),
+                        Default::default(),
+                    ),
                     r,
                 )
             })

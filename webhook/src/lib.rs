@@ -184,11 +184,13 @@ pub async fn serve_on(
             }
         });
     }
+    let metrics = Metrics::new();
+    let tls_metrics = metrics.tls();
     let state = Arc::new(AppState {
         injections: injections.clone(),
         namespaces,
         resolver: resolver.clone(),
-        metrics: Metrics::new(),
+        metrics,
         readiness: readiness.clone(),
         denials: Some(denials),
         gate: server::Gate::new(config.limits),
@@ -207,7 +209,7 @@ pub async fn serve_on(
         }
     });
 
-    let manager = TlsManager::new(client, config.tls.clone(), resolver);
+    let manager = TlsManager::new(client, config.tls.clone(), resolver, tls_metrics);
     tasks.spawn(manager.run(stopped()));
 
     info!(addr = ?listener.local_addr().ok(), "serving admission reviews");

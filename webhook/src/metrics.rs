@@ -8,12 +8,18 @@
 //!   (`bad_request`, `invalid_object`, `body`);
 //! * `appset_webhook_skipped_total`: pods allowed unchanged, by `reason`;
 //! * `appset_webhook_namespace_cache_stale_total`: requests the API server sent for a namespace
-//!   the webhook's namespace cache did not (yet) show as opted in; they are reviewed as usual.
+//!   the webhook's namespace cache did not (yet) show as opted in; they are reviewed as usual;
+//! * `appset_webhook_certificate_expiry_timestamp_seconds`: expiry (unix seconds) of each
+//!   certificate the replica serves or trusts, by `cert` (`ca`, `serving`, `next-ca`,
+//!   `previous-ca`; the last two only during a CA rotation);
+//! * `appset_webhook_certificate_secret_damaged_total`: times the certificate Secret was found
+//!   damaged and repaired or restored.
 //!
 //! Labels are drawn from fixed sets: no pod, namespace or Secret data reaches a metric.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -31,6 +37,16 @@ pub struct Metrics {
     skipped: Family<Labels, Counter>,
     /// Requests whose namespace the cache did not show as opted in.
     pub namespace_cache_stale: Counter,
+    tls: TlsMetrics,
+}
+
+/// The certificate loop's metrics (cheap clones sharing the registry's values).
+#[derive(Clone, Default)]
+pub struct TlsMetrics {
+    /// Expiry of each certificate, by `cert`.
+    pub expiry: Family<Labels, Gauge>,
+    /// Damaged certificate Secrets found.
+    pub secret_damaged: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -83,7 +99,19 @@ impl Metrics {
             "Requests for a namespace the namespace cache did not show as opted in (reviewed as usual)",
             namespace_cache_stale.clone(),
         );
+        let tls = TlsMetrics::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Expiry of each certificate the webhook serves or trusts, in unix seconds",
+            tls.expiry.clone(),
+        );
+        registry.register(
+            "certificate_secret_damaged",
+            "Times the certificate Secret was found damaged and repaired or restored",
+            tls.secret_damaged.clone(),
+        );
         Self {
+            tls,
             registry,
             latency,
             injections,
@@ -92,6 +120,11 @@ impl Metrics {
             skipped,
             namespace_cache_stale,
         }
+    }
+
+    /// The certificate loop's metrics.
+    pub fn tls(&self) -> TlsMetrics {
+        self.tls.clone()
     }
 
     /// Records one reviewed request.

@@ -159,7 +159,7 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
     // keeps working, and the same CA bundle trusts both.
     let mut renewed_policy = policy.clone();
     renewed_policy.sans.push("localhost".into());
-    let (renewed, _) = material::next_step(&m, &renewed_policy, now)
+    let (renewed, _) = material::next_step(&m, &renewed_policy, now, true)
         .expect("step")
         .expect("renewal");
     assert!(

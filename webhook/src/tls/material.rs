@@ -7,19 +7,30 @@
 //! | --- | --- |
 //! | `ca.crt`, `ca.key` | the CA that signs the serving certificate |
 //! | `tls.crt`, `tls.key` | the serving certificate (with the SANs of the policy) and its key |
-//! | `next-ca.crt`, `next-ca.key`, `next-ca.since` | during a CA rotation: the successor CA and when it was published |
+//! | `next-ca.crt`, `next-ca.key`, `next-ca.since` | during a CA rotation: the successor CA and when its publication was confirmed (absent until then) |
 //! | `previous-ca.crt` | after a CA rotation: the former CA, trusted until it expires |
 //! | `ca-bundle.crt` | every CA above, concatenated: what goes into `caBundle` |
+//!
+//! | `revision` | a counter raised by every change, so a bundle can be traced to the material it came from |
 //!
 //! [`next_step`] moves the material forward one step at a time:
 //!
 //! 1. a previous CA that has expired leaves the bundle;
-//! 2. a successor CA published at least `promote_after` ago becomes the CA, the serving
-//!    certificate is reissued by it, and the former CA stays in the bundle as `previous`;
-//! 3. a CA within `ca_renew_before` of expiry gets a successor, published in the bundle
+//! 2. a successor CA is **confirmed** once the caller has read the bundle holding it back from
+//!    every webhook entry (`published`), and loses that confirmation if the bundle is seen
+//!    without it again;
+//! 3. a successor CA confirmed at least `promote_after` ago, and still published, becomes the
+//!    CA, the serving certificate is reissued by it, and the former CA stays in the bundle as
+//!    `previous`; until then the old CA keeps signing, however long that takes;
+//! 4. a CA within `ca_renew_before` of expiry gets a successor, published in the bundle
 //!    **before** anything is signed by it, so the API server trusts the new chain first;
-//! 4. a serving certificate within `serving_renew_before` of expiry, or whose SANs differ from the
+//! 5. a serving certificate within `serving_renew_before` of expiry, or whose SANs differ from the
 //!    policy's, is reissued by the same CA (trust never changes).
+//!
+//! [`inspect`] reads Secret data key by key: material that is partly damaged (a truncated key, an
+//! unparsable timestamp, a serving certificate that does not belong to the CA) is repaired from
+//! its sound parts, and only material whose signing CA itself is lost has no repair; the caller
+//! then restores what it last served rather than mint an unrelated CA.
 //!
 //! Each CA has a distinct subject and every serving certificate names its issuer's key, so a
 //! bundle of two CAs is unambiguous.
@@ -30,7 +41,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, PublicKeyData,
 };
 use time::OffsetDateTime;
 
@@ -99,6 +110,18 @@ impl Policy {
     }
 }
 
+/// A successor CA during a rotation.
+#[derive(Clone, PartialEq)]
+pub struct NextCa {
+    /// Its certificate (PEM).
+    pub cert: String,
+    /// Its key (PEM).
+    pub key: String,
+    /// When the bundle holding it was first read back from every webhook entry (unix seconds);
+    /// `None` until then.
+    pub confirmed: Option<i64>,
+}
+
 /// Everything the Secret stores. `Debug` never prints keys.
 #[derive(Clone, PartialEq)]
 pub struct Material {
@@ -110,18 +133,25 @@ pub struct Material {
     pub tls_cert: String,
     /// The serving key (PEM).
     pub tls_key: String,
-    /// A successor CA being published: certificate, key, and when (unix seconds).
-    pub next_ca: Option<(String, String, i64)>,
+    /// A successor CA being published.
+    pub next_ca: Option<NextCa>,
     /// The former CA, trusted until it expires (PEM).
     pub previous_ca: Option<String>,
+    /// Raised by every change of the material (see [`Material::succeeding`]).
+    pub revision: u64,
 }
 
 impl fmt::Debug for Material {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Material")
+            .field("revision", &self.revision)
             .field("ca_not_after", &not_after(&self.ca_cert).ok())
             .field("serving_not_after", &not_after(&self.tls_cert).ok())
             .field("rotating_ca", &self.next_ca.is_some())
+            .field(
+                "next_ca_confirmed",
+                &self.next_ca.as_ref().and_then(|n| n.confirmed),
+            )
             .field("previous_ca", &self.previous_ca.is_some())
             .finish_non_exhaustive()
     }
@@ -135,27 +165,11 @@ const NEXT_CRT: &str = "next-ca.crt";
 const NEXT_KEY: &str = "next-ca.key";
 const NEXT_SINCE: &str = "next-ca.since";
 const PREV_CRT: &str = "previous-ca.crt";
+const REVISION: &str = "revision";
 /// The Secret key holding the CA bundle.
 pub const BUNDLE: &str = "ca-bundle.crt";
 
 impl Material {
-    /// Reads the material from Secret data; `None` when a required key is missing or not UTF-8.
-    pub fn from_data(data: &BTreeMap<String, Vec<u8>>) -> Option<Self> {
-        let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
-        let next_ca = match (get(NEXT_CRT), get(NEXT_KEY), get(NEXT_SINCE)) {
-            (Some(c), Some(k), Some(s)) => Some((c, k, s.trim().parse().ok()?)),
-            _ => None,
-        };
-        Some(Self {
-            ca_cert: get(CA_CRT)?,
-            ca_key: get(CA_KEY)?,
-            tls_cert: get(TLS_CRT)?,
-            tls_key: get(TLS_KEY)?,
-            next_ca,
-            previous_ca: get(PREV_CRT),
-        })
-    }
-
     /// The Secret data for this material, including the bundle.
     pub fn to_data(&self) -> BTreeMap<String, Vec<u8>> {
         let mut d = BTreeMap::new();
@@ -163,14 +177,17 @@ impl Material {
         d.insert(CA_KEY.into(), self.ca_key.clone().into_bytes());
         d.insert(TLS_CRT.into(), self.tls_cert.clone().into_bytes());
         d.insert(TLS_KEY.into(), self.tls_key.clone().into_bytes());
-        if let Some((c, k, since)) = &self.next_ca {
-            d.insert(NEXT_CRT.into(), c.clone().into_bytes());
-            d.insert(NEXT_KEY.into(), k.clone().into_bytes());
-            d.insert(NEXT_SINCE.into(), since.to_string().into_bytes());
+        if let Some(next) = &self.next_ca {
+            d.insert(NEXT_CRT.into(), next.cert.clone().into_bytes());
+            d.insert(NEXT_KEY.into(), next.key.clone().into_bytes());
+            if let Some(since) = next.confirmed {
+                d.insert(NEXT_SINCE.into(), since.to_string().into_bytes());
+            }
         }
         if let Some(p) = &self.previous_ca {
             d.insert(PREV_CRT.into(), p.clone().into_bytes());
         }
+        d.insert(REVISION.into(), self.revision.to_string().into_bytes());
         d.insert(BUNDLE.into(), self.bundle().into_bytes());
         d
     }
@@ -180,7 +197,7 @@ impl Material {
         let mut out = String::new();
         let mut seen = Vec::new();
         for pem in std::iter::once(&self.ca_cert)
-            .chain(self.next_ca.as_ref().map(|(c, _, _)| c))
+            .chain(self.next_ca.as_ref().map(|n| &n.cert))
             .chain(self.previous_ca.as_ref())
         {
             let pem = pem.trim_end();
@@ -192,6 +209,166 @@ impl Material {
         }
         out
     }
+
+    /// This material as the successor of a stored revision `after`: its revision is raised
+    /// above it.
+    pub fn succeeding(mut self, after: u64) -> Self {
+        self.revision = after.saturating_add(1);
+        self
+    }
+}
+
+/// What [`inspect`] found in Secret data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inspection {
+    /// Every part is present and consistent.
+    Sound(Material),
+    /// Some parts are missing or damaged.
+    Damaged {
+        /// The Secret keys at fault (names only, never values).
+        keys: Vec<&'static str>,
+        /// The material rebuilt from the sound parts, with the same revision (callers raise it
+        /// when they store it); `None` when the signing CA itself is lost, which nothing in the
+        /// data can repair.
+        repaired: Option<Material>,
+    },
+}
+
+/// A certificate and key that parse and belong together.
+fn sound_pair(cert: Option<&str>, key: Option<&str>) -> bool {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return false;
+    };
+    let Ok(key) = KeyPair::from_pem(key) else {
+        return false;
+    };
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert.as_bytes()) else {
+        return false;
+    };
+    let Ok(parsed) = pem.parse_x509() else {
+        return false;
+    };
+    parsed.public_key().subject_public_key.data.as_ref() == key.der_bytes()
+}
+
+/// The subject and issuer of a PEM certificate, as strings.
+fn names(pem: &str) -> Option<(String, String)> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let c = p.parse_x509().ok()?;
+    Some((c.subject().to_string(), c.issuer().to_string()))
+}
+
+/// Reads Secret data part by part. Missing keys count as damaged, except the optional parts of
+/// a rotation (`next-ca.*`, `previous-ca.crt`) and `revision` (absent in material written before
+/// revisions existed), which count only when present and unreadable. A damaged serving
+/// certificate is reissued by the CA under `policy` at `now`; a damaged successor or former CA
+/// is dropped (a successor is minted again when due); an unreadable confirmation time counts as
+/// unconfirmed, so the promotion delay starts again.
+pub fn inspect(
+    data: &BTreeMap<String, Vec<u8>>,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> Result<Inspection, MaterialError> {
+    let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
+    let mut keys: Vec<&'static str> = Vec::new();
+    let ca_cert = get(CA_CRT);
+    let ca_key = get(CA_KEY);
+    let ca_sound = sound_pair(ca_cert.as_deref(), ca_key.as_deref());
+    if !ca_sound {
+        keys.extend([CA_CRT, CA_KEY]);
+    }
+    let tls_cert = get(TLS_CRT);
+    let tls_key = get(TLS_KEY);
+    let ca_subject = ca_cert.as_deref().and_then(names).map(|(s, _)| s);
+    let tls_sound = sound_pair(tls_cert.as_deref(), tls_key.as_deref())
+        && tls_cert.as_deref().and_then(names).map(|(_, i)| i) == ca_subject;
+    if !tls_sound {
+        keys.extend([TLS_CRT, TLS_KEY]);
+    }
+    let has_next = [NEXT_CRT, NEXT_KEY, NEXT_SINCE]
+        .iter()
+        .any(|k| data.contains_key(*k));
+    let mut next_ca = None;
+    if has_next {
+        let (cert, key) = (get(NEXT_CRT), get(NEXT_KEY));
+        if sound_pair(cert.as_deref(), key.as_deref())
+            && let (Some(cert), Some(key)) = (cert, key)
+        {
+            let confirmed = match data.get(NEXT_SINCE) {
+                None => None,
+                Some(v) => {
+                    let parsed = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i64>().ok());
+                    if parsed.is_none() {
+                        keys.push(NEXT_SINCE);
+                    }
+                    parsed
+                }
+            };
+            next_ca = Some(NextCa {
+                cert,
+                key,
+                confirmed,
+            });
+        } else {
+            keys.extend([NEXT_CRT, NEXT_KEY]);
+        }
+    }
+    let previous_ca = match data.get(PREV_CRT) {
+        None => None,
+        Some(_) => {
+            let pem = get(PREV_CRT).filter(|p| not_after(p).is_ok());
+            if pem.is_none() {
+                keys.push(PREV_CRT);
+            }
+            pem
+        }
+    };
+    let revision = match data.get(REVISION) {
+        None => 0,
+        Some(v) => match std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            Some(r) => r,
+            None => {
+                keys.push(REVISION);
+                0
+            }
+        },
+    };
+    let (Some(ca_cert), Some(ca_key)) = (ca_cert.filter(|_| ca_sound), ca_key) else {
+        return Ok(Inspection::Damaged {
+            keys,
+            repaired: None,
+        });
+    };
+    let mut material = Material {
+        ca_cert,
+        ca_key,
+        tls_cert: tls_cert.unwrap_or_default(),
+        tls_key: tls_key.unwrap_or_default(),
+        next_ca,
+        previous_ca,
+        revision,
+    };
+    if keys.is_empty() && get(BUNDLE).as_deref() != Some(material.bundle().as_str()) {
+        keys.push(BUNDLE);
+    }
+    if keys.is_empty() {
+        return Ok(Inspection::Sound(material));
+    }
+    if !tls_sound {
+        // Reissued by the CA the API server already trusts: trust does not change.
+        let (c, k) = issue_serving(&material.ca_cert, &material.ca_key, policy, now)?;
+        material.tls_cert = c;
+        material.tls_key = k;
+    }
+    Ok(Inspection::Damaged {
+        keys,
+        repaired: Some(material),
+    })
 }
 
 fn offset(now: OffsetDateTime, d: Duration) -> OffsetDateTime {
@@ -255,6 +432,7 @@ pub fn create(policy: &Policy, now: OffsetDateTime) -> Result<Material, Material
         tls_key,
         next_ca: None,
         previous_ca: None,
+        revision: 0,
     })
 }
 
@@ -299,45 +477,77 @@ pub enum Step {
     DroppedPreviousCa,
     /// The successor CA became the signing CA.
     PromotedCa,
-    /// A successor CA was published in the bundle.
+    /// A successor CA was added to the bundle.
     PublishedNextCa,
+    /// The bundle holding the successor CA was read back from every webhook entry.
+    ConfirmedNextCa,
+    /// The bundle was seen without the successor CA after its confirmation; the promotion
+    /// delay starts again once it is back.
+    UnconfirmedNextCa,
     /// The serving certificate was reissued by the same CA.
     RenewedServing,
 }
 
-/// The next change the material needs at `now`, or `None` when it is current. Material that
-/// cannot be parsed is replaced whole (see [`create`]) by the caller.
+/// The next change the material needs at `now`, or `None` when it is current. `published` says
+/// whether the caller read `m`'s bundle back from every webhook entry just now; a successor CA
+/// is promoted only while it is. The returned material's revision is one above `m`'s.
 pub fn next_step(
     m: &Material,
     policy: &Policy,
     now: OffsetDateTime,
+    published: bool,
 ) -> Result<Option<(Material, Step)>, MaterialError> {
+    let step = |out: Material, step: Step| Ok(Some((out.succeeding(m.revision), step)));
     if let Some(prev) = &m.previous_ca
         && not_after(prev)? <= now
     {
         let mut out = m.clone();
         out.previous_ca = None;
-        return Ok(Some((out, Step::DroppedPreviousCa)));
+        return step(out, Step::DroppedPreviousCa);
     }
-    if let Some((next_cert, next_key, since)) = &m.next_ca {
-        let since = OffsetDateTime::from_unix_timestamp(*since).unwrap_or(now);
-        if offset(since, policy.promote_after) <= now {
-            let (tls_cert, tls_key) = issue_serving(next_cert, next_key, policy, now)?;
-            let out = Material {
-                ca_cert: next_cert.clone(),
-                ca_key: next_key.clone(),
-                tls_cert,
-                tls_key,
-                next_ca: None,
-                previous_ca: Some(m.ca_cert.clone()),
-            };
-            return Ok(Some((out, Step::PromotedCa)));
+    if let Some(next) = &m.next_ca {
+        match next.confirmed {
+            None if published => {
+                let mut out = m.clone();
+                if let Some(n) = out.next_ca.as_mut() {
+                    n.confirmed = Some(now.unix_timestamp());
+                }
+                return step(out, Step::ConfirmedNextCa);
+            }
+            None => {}
+            Some(_) if !published => {
+                let mut out = m.clone();
+                if let Some(n) = out.next_ca.as_mut() {
+                    n.confirmed = None;
+                }
+                return step(out, Step::UnconfirmedNextCa);
+            }
+            Some(since) => {
+                let since = OffsetDateTime::from_unix_timestamp(since).unwrap_or(now);
+                if offset(since, policy.promote_after) <= now {
+                    let (tls_cert, tls_key) = issue_serving(&next.cert, &next.key, policy, now)?;
+                    let out = Material {
+                        ca_cert: next.cert.clone(),
+                        ca_key: next.key.clone(),
+                        tls_cert,
+                        tls_key,
+                        next_ca: None,
+                        previous_ca: Some(m.ca_cert.clone()),
+                        revision: m.revision,
+                    };
+                    return step(out, Step::PromotedCa);
+                }
+            }
         }
     } else if not_after(&m.ca_cert)? <= offset(now, policy.ca_renew_before) {
-        let (c, k) = new_ca(now, policy.ca_validity)?;
+        let (cert, key) = new_ca(now, policy.ca_validity)?;
         let mut out = m.clone();
-        out.next_ca = Some((c, k, now.unix_timestamp()));
-        return Ok(Some((out, Step::PublishedNextCa)));
+        out.next_ca = Some(NextCa {
+            cert,
+            key,
+            confirmed: None,
+        });
+        return step(out, Step::PublishedNextCa);
     }
     let mut wanted = policy.sans.clone();
     wanted.sort();
@@ -355,7 +565,7 @@ pub fn next_step(
             tls_key,
             ..m.clone()
         };
-        return Ok(Some((out, Step::RenewedServing)));
+        return step(out, Step::RenewedServing);
     }
     Ok(None)
 }
