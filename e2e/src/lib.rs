@@ -7,6 +7,8 @@
 //!   returned once ready;
 //! * [`fixtures`]: the manifests (AppSet, StatefulSet, Deployment, ConfigMap, Secret) and small
 //!   object helpers the tests and benchmarks share;
+//! * [`fleet`]: several webhook replicas behind a load balancer, and a steady stream of pod
+//!   creations to count failed admissions;
 //! * [`disruption`]: watches that record replicas down and claims deleted during a fault test;
 //! * [`cluster`]: a control plane of a test's own, for fault tests that restart its parts;
 //! * [`process`]: child processes (the real binaries, helm, kubectl) and scratch files.
@@ -24,6 +26,7 @@
 pub mod cluster;
 pub mod disruption;
 pub mod fixtures;
+pub mod fleet;
 pub mod harness;
 pub mod process;
 pub mod runners;

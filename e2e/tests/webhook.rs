@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use appset_crds::{AppSet, PodInjection, keys};
 use appset_e2e::fixtures::{appset_with_spec, claimed_set_spec, merge};
+use appset_e2e::fleet::{Fleet, PodStream, StreamReport};
 use appset_e2e::runners::{AppSetController, WEBHOOK_CERT_SECRET as CERT_SECRET, Webhook};
 use appset_e2e::{TestNamespace, wait_for};
+use base64::Engine as _;
 use std::sync::Arc;
 
 use appset_webhook::tls::manager::{TlsConfig, TlsManager};
@@ -549,14 +551,120 @@ async fn current_certs(secrets: &Api<Secret>) -> Result<(String, String)> {
     Ok((get("ca.crt"), get("tls.crt")))
 }
 
+/// A pod of the stream: the nginx pod that `git-content` selects.
+fn stream_pod(i: usize) -> Pod {
+    Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("web-{i}")),
+            labels: Some([("app".to_string(), "web".to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::PodSpec {
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: "nginx".into(),
+                image: Some("nginx:1.27".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn injected_as_declared(pod: &Pod) -> std::result::Result<(), String> {
+    assert_git_content(pod).map_err(|e| format!("{e:#}"))
+}
+
+/// The stream's rate: one pod every 50 ms, 20 a second.
+const STREAM_EVERY: Duration = Duration::from_millis(50);
+
+fn ensure_no_failures(what: &str, report: &StreamReport) -> Result<()> {
+    ensure!(
+        report.failed.is_empty(),
+        "{what}: {} of {} pod creations failed, first: {:?}",
+        report.failed.len(),
+        report.attempts(),
+        report.failed.iter().take(5).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// Reasons of the Events on the certificate Secret, in the order they were first seen.
+async fn secret_event_reasons(ns: &TestNamespace) -> Result<Vec<String>> {
+    let mut events = ns
+        .api::<k8s_openapi::api::core::v1::Event>()
+        .list(&ListParams::default())
+        .await?
+        .items;
+    events.retain(|e| e.involved_object.name.as_deref() == Some(CERT_SECRET));
+    events.sort_by_key(|e| {
+        e.event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or(e.first_timestamp.as_ref().map(|t| t.0))
+    });
+    Ok(events.into_iter().filter_map(|e| e.reason).collect())
+}
+
 #[tokio::test]
-async fn certificate_rotation_during_a_stream_of_pods_loses_no_admission() -> Result<()> {
+async fn rolling_three_webhook_replicas_under_twenty_pods_a_second_fails_no_admission() -> Result<()>
+{
+    let ns = enabled_namespace("wh-roll").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let drain = Duration::from_secs(3);
+    let mut fleet = Fleet::start(&ns, 3, Policy::default(), Duration::from_secs(30), drain).await?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let stream = PodStream::start(ns.api(), STREAM_EVERY, stream_pod, injected_as_declared);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rolled = async {
+            for i in 0..3 {
+                let t = Instant::now();
+                fleet.restart(i).await?;
+                println!("replica {i} drained, restarted and ready again in {:?}", t.elapsed());
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        let report = stream.stop().await?;
+        rolled?;
+        let connections: Vec<u64> = (0..3).map(|i| fleet.balancer.connections(i)).collect();
+        println!(
+            "rolled 3 replicas one by one (drain {drain:?}): {} pod creations in {:?} ({:.1}/s), {} admitted and injected, {} failed; connections per replica {connections:?}, unplaced {}",
+            report.attempts(),
+            report.elapsed,
+            report.attempts() as f64 / report.elapsed.as_secs_f64(),
+            report.admitted,
+            report.failed.len(),
+            fleet.balancer.unplaced()
+        );
+        ensure_no_failures("rolling the replicas", &report)?;
+        ensure!(
+            report.admitted >= 200,
+            "only {} pods were created during the rollout",
+            report.admitted
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    fleet.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_ca_rotation_across_three_replicas_under_a_stream_of_pods_fails_no_admission()
+-> Result<()> {
     let ns = enabled_namespace("wh-rotate").await?;
     ns.api::<PodInjection>()
         .create(&PostParams::default(), &git_content()?)
         .await?;
     // Short lifetimes so that the serving certificate is renewed every few seconds and the CA
-    // rotates once during the stream.
+    // rotates during the stream.
     let policy = Policy {
         sans: vec!["127.0.0.1".into()],
         ca_validity: Duration::from_secs(24),
@@ -565,47 +673,174 @@ async fn certificate_rotation_during_a_stream_of_pods_loses_no_admission() -> Re
         serving_renew_before: Duration::from_secs(3),
         promote_after: Duration::from_secs(3),
     };
-    let webhook = Webhook::start(&ns, policy, Duration::from_millis(300)).await?;
+    let fleet = Fleet::start(
+        &ns,
+        3,
+        policy,
+        Duration::from_millis(300),
+        Duration::from_secs(1),
+    )
+    .await?;
     let result = async {
         wait_injecting(&ns, &nginx_pod("probe")?).await?;
-        let pods = ns.api::<Pod>();
         let secrets = ns.api::<Secret>();
+        let stream = PodStream::start(ns.api(), STREAM_EVERY, stream_pod, injected_as_declared);
         let mut cas = BTreeSet::new();
         let mut servings = BTreeSet::new();
         let start = Instant::now();
-        let mut created = 0usize;
-        // Bounded: at most 400 pods or 30 seconds.
-        while start.elapsed() < Duration::from_secs(30) && created < 400 {
+        while start.elapsed() < Duration::from_secs(30) {
             let (ca, serving) = current_certs(&secrets).await?;
             cas.insert(ca);
             servings.insert(serving);
-            let name = format!("web-{created}");
-            let pod = pods
-                .create(&PostParams::default(), &nginx_pod(&name)?)
-                .await
-                .with_context(|| {
-                    format!("pod {name} was not admitted after {:?}", start.elapsed())
-                })?;
-            assert_git_content(&pod).with_context(|| format!("pod {name}"))?;
-            created += 1;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let report = stream.stop().await?;
+        let reasons = secret_event_reasons(&ns).await?;
         println!(
-            "created {created} pods in {:?}; saw {} CAs and {} serving certificates",
-            start.elapsed(),
+            "3 replicas, CA rotation: {} pod creations in {:?}, {} admitted and injected, {} failed; saw {} CAs and {} serving certificates; Events on the Secret: {reasons:?}",
+            report.attempts(),
+            report.elapsed,
+            report.admitted,
+            report.failed.len(),
             cas.len(),
             servings.len()
         );
+        ensure_no_failures("the CA rotation", &report)?;
         ensure!(cas.len() >= 2, "the CA never rotated during the stream");
         ensure!(
             servings.len() >= 4,
             "the serving certificate was renewed only {} times",
             servings.len() - 1
         );
+        for (before, after) in [
+            ("NextCaPublished", "NextCaConfirmed"),
+            ("NextCaConfirmed", "CaRotated"),
+        ] {
+            let b = reasons.iter().position(|r| r == before);
+            let a = reasons.iter().position(|r| r == after);
+            ensure!(
+                b.is_some() && a.is_some() && b < a,
+                "expected {before} before {after} among {reasons:?}"
+            );
+        }
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    webhook.stop().await?;
+    fleet.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+/// The sum of a counter over the replicas.
+async fn fleet_counter(fleet: &Fleet, line_start: &str) -> Result<f64> {
+    let mut total = 0.0;
+    for i in 0..3 {
+        let text = fleet.metrics(i).await?;
+        total += text
+            .lines()
+            .filter(|l| l.starts_with(line_start))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
+}
+
+#[tokio::test]
+async fn a_damaged_or_deleted_certificate_secret_is_restored_with_the_same_ca_and_fails_no_admission()
+-> Result<()> {
+    let ns = enabled_namespace("wh-damage").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let fleet = Fleet::start(
+        &ns,
+        3,
+        Policy::default(),
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let secrets = ns.api::<Secret>();
+        let (ca, _) = current_certs(&secrets).await?;
+        let stream = PodStream::start(ns.api(), STREAM_EVERY, stream_pod, injected_as_declared);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // The CA's key truncated: the replicas restore the material they serve.
+        let key = secrets
+            .get(CERT_SECRET)
+            .await?
+            .data
+            .unwrap_or_default()
+            .get("ca.key")
+            .map(|k| k.0.clone())
+            .context("no ca.key")?;
+        let truncated = base64::engine::general_purpose::STANDARD.encode(&key[..key.len() / 2]);
+        secrets
+            .patch(
+                CERT_SECRET,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"ca.key": truncated}})),
+            )
+            .await?;
+        let repaired = wait_for("the damaged Secret to be repaired", Duration::from_secs(30), || async {
+            let data = secrets.get(CERT_SECRET).await?.data.unwrap_or_default();
+            Ok(if data.get("ca.key").map(|k| &k.0) == Some(&key) {
+                Ok(current_certs(&secrets).await?.0)
+            } else {
+                Err("ca.key still damaged".to_string())
+            })
+        })
+        .await?;
+        ensure!(repaired == ca, "the repair replaced the CA");
+
+        // The Secret deleted outright: recreated with the same CA.
+        secrets.delete(CERT_SECRET, &Default::default()).await?;
+        let restored = wait_for("the deleted Secret to be restored", Duration::from_secs(30), || async {
+            Ok(match secrets.get_opt(CERT_SECRET).await? {
+                Some(_) => Ok(current_certs(&secrets).await?.0),
+                None => Err("absent".to_string()),
+            })
+        })
+        .await?;
+        ensure!(restored == ca, "the restore replaced the CA");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let report = stream.stop().await?;
+
+        let reasons = secret_event_reasons(&ns).await?;
+        let damaged = fleet_counter(&fleet, "appset_webhook_certificate_secret_damaged_total").await?;
+        let expiry = fleet.metrics(0).await?;
+        let ca_expiry = appset_webhook::tls::material::not_after(&ca)?.unix_timestamp();
+        println!(
+            "damaged then deleted certificate Secret, 3 replicas: {} pod creations in {:?}, {} admitted and injected, {} failed; damaged_total over the replicas {damaged}; Events on the Secret: {reasons:?}",
+            report.attempts(),
+            report.elapsed,
+            report.admitted,
+            report.failed.len()
+        );
+        ensure_no_failures("repairing the certificate Secret", &report)?;
+        ensure!(
+            reasons.iter().any(|r| r == "CertificateSecretDamaged"),
+            "no CertificateSecretDamaged Event: {reasons:?}"
+        );
+        ensure!(
+            reasons.iter().any(|r| r == "CertificateRestored"),
+            "no CertificateRestored Event: {reasons:?}"
+        );
+        ensure!(damaged >= 1.0, "the damage was not counted");
+        let gauge = format!(
+            "appset_webhook_certificate_expiry_timestamp_seconds{{cert=\"ca\"}} {ca_expiry}"
+        );
+        ensure!(
+            expiry.lines().any(|l| l == gauge),
+            "no `{gauge}` in the metrics:\n{expiry}"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    fleet.stop().await?;
     result?;
     ns.cleanup().await;
     Ok(())

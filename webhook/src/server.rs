@@ -69,7 +69,14 @@ impl Default for Limits {
     }
 }
 
+/// Bodies up to this size (every ordinary pod's AdmissionReview) may also draw on the reserve.
+pub const SMALL_BODY: usize = 128 * 1024;
+
 /// The request bodies' memory budget and the draining flag, shared by every connection.
+///
+/// An eighth of the budget is a reserve that only small bodies ([`SMALL_BODY`]) may use once
+/// the rest is taken, so clients that hold large bodies (slowly sent, or simply many) cannot
+/// keep the API server's ordinary reviews waiting.
 #[derive(Debug)]
 pub struct Gate {
     /// The limits in force.
@@ -77,16 +84,20 @@ pub struct Gate {
     draining: std::sync::atomic::AtomicBool,
     /// Permits of 1 KiB of request body.
     budget: tokio::sync::Semaphore,
+    /// Permits of 1 KiB, for small bodies only.
+    reserve: tokio::sync::Semaphore,
 }
 
 impl Gate {
     /// A gate enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
-        let kib = u32::try_from(limits.body_budget.div_ceil(1024)).unwrap_or(u32::MAX);
+        let kib = limits.body_budget.div_ceil(1024).min(u32::MAX as usize);
+        let reserve = (kib / 8).max(1);
         Self {
             limits,
             draining: Default::default(),
-            budget: tokio::sync::Semaphore::new(kib as usize),
+            budget: tokio::sync::Semaphore::new(kib.saturating_sub(reserve).max(1)),
+            reserve: tokio::sync::Semaphore::new(reserve),
         }
     }
 
@@ -98,6 +109,30 @@ impl Gate {
     fn start_drain(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Room for a body of `declared` bytes (the largest body when unknown), waiting at most the
+    /// body timeout; a small body takes room in the reserve when the budget is full.
+    async fn hold(&self, declared: Option<usize>) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let len = declared.unwrap_or(self.limits.max_body);
+        let permits = self.permits_for(len);
+        if let Ok(p) = self.budget.try_acquire_many(permits) {
+            return Some(p);
+        }
+        let wait = async {
+            if declared.is_some_and(|n| n <= SMALL_BODY) {
+                tokio::select! {
+                    p = self.budget.acquire_many(permits) => p,
+                    p = self.reserve.acquire_many(permits) => p,
+                }
+            } else {
+                self.budget.acquire_many(permits).await
+            }
+        };
+        tokio::time::timeout(self.limits.body_timeout, wait)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// KiB permits for a body of `len` bytes (at most the largest body, at least 1 KiB).
@@ -223,19 +258,15 @@ async fn read_body(
     if declared.is_some_and(|n| n > limits.max_body) {
         return Err(too_large());
     }
-    let permits = state.gate.permits_for(declared.unwrap_or(limits.max_body));
-    let _held =
-        match tokio::time::timeout(limits.body_timeout, state.gate.budget.acquire_many(permits))
-            .await
-        {
-            Ok(Ok(p)) => p,
-            _ => {
-                return Err(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many request bodies in flight\n",
-                ));
-            }
-        };
+    let _held = match state.gate.hold(declared).await {
+        Some(p) => p,
+        None => {
+            return Err(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies in flight\n",
+            ));
+        }
+    };
     let read = Limited::new(req.into_body(), limits.max_body).collect();
     match tokio::time::timeout(limits.body_timeout, read).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),

@@ -472,3 +472,50 @@ async fn oversized_and_slow_clients_are_refused_and_others_still_answered() {
     let _ = stop.send(());
     let _ = server.await;
 }
+
+#[tokio::test]
+async fn clients_holding_large_bodies_cannot_keep_a_small_review_waiting() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    // 512 KiB of bodies: 448 KiB for any body, 64 KiB that only small ones may use.
+    let limits = server::Limits {
+        max_connections: 8,
+        max_body: 256 * 1024,
+        body_budget: 512 * 1024,
+        body_timeout: Duration::from_secs(3),
+        drain: Duration::ZERO,
+    };
+    let (probe, stop, server) = start(limits).await;
+    // Two clients declare 224 KiB each and stall: the general budget is full.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut tls = probe.connect_tls().await.expect("tls");
+        tls.write_all(
+            format!(
+                "POST /mutate-pods HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"request\"",
+                224 * 1024
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+        tls.flush().await.expect("flush");
+        slow.push(tls);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    let mut good = probe.connect().await.expect("connect");
+    let (status, _) = good
+        .send(Method::POST, "/mutate-pods", review())
+        .await
+        .expect("review");
+    let waited = sent.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        waited < Duration::from_secs(1),
+        "the small review waited {waited:?} behind the large bodies"
+    );
+    drop(slow);
+    let _ = stop.send(());
+    let _ = server.await;
+}
