@@ -63,6 +63,42 @@ else
     openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
     openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
   fi
+  # The client certificate the API server presents to admission webhooks (a CA of its own, so a
+  # webhook started with --client-ca-file trusts the API server and no other cluster client).
+  if [[ ! -f "$pki/webhook-client.crt" ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=appset-local-webhook-client-ca" \
+      -keyout "$pki/webhook-client-ca.key" -out "$pki/webhook-client-ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver-webhook-client" \
+      -keyout "$pki/webhook-client.key" -out "$pki/webhook-client.csr" 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' >"$pki/webhook-client.ext"
+    openssl x509 -req -in "$pki/webhook-client.csr" -CA "$pki/webhook-client-ca.crt" \
+      -CAkey "$pki/webhook-client-ca.key" -CAcreateserial -days 3650 -extfile "$pki/webhook-client.ext" \
+      -out "$pki/webhook-client.crt" 2>/dev/null
+  fi
+  cat >"$state/webhook-client.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+users:
+- name: '*'
+  user:
+    client-certificate: $pki/webhook-client.crt
+    client-key: $pki/webhook-client.key
+EOF
+  cat >"$state/admission.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $state/webhook-client.kubeconfig
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $state/webhook-client.kubeconfig
+EOF
   cat >"$kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
@@ -138,7 +174,8 @@ POLICY
     --allow-privileged=true --enable-priority-and-fairness=false --profiling=false \
     --api-audiences "https://127.0.0.1:$api_port" --endpoint-reconciler-type none \
     --audit-policy-file "$state/audit-policy.yaml" --audit-log-path "$state/logs/audit.log" \
-    --audit-log-maxsize 500 --audit-log-maxbackup 1
+    --audit-log-maxsize 500 --audit-log-maxbackup 1 \
+    --admission-control-config-file "$state/admission.yaml"
   wait_for kube-apiserver 120 kubectl --kubeconfig "$kubeconfig" get --raw /readyz
 
   log "starting kube-controller-manager, kube-scheduler, kwok"

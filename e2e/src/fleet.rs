@@ -277,6 +277,7 @@ impl Fleet {
             },
             watch_namespace: Some(self.namespace.clone()),
             namespace_cache: true,
+            client_ca_file: None,
             limits: appset_webhook::server::Limits {
                 drain: self.drain,
                 ..Default::default()

@@ -244,6 +244,17 @@ impl Webhook {
         policy: Policy,
         check_interval: Duration,
     ) -> Result<Self> {
+        Self::start_with(ns, policy, check_interval, None).await
+    }
+
+    /// [`Webhook::start`], answering reviews only to clients whose certificate a CA in
+    /// `client_ca_file` signed, when given.
+    pub async fn start_with(
+        ns: &TestNamespace,
+        policy: Policy,
+        check_interval: Duration,
+        client_ca_file: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let name = format!("appset-webhook-{}", ns.name);
@@ -277,6 +288,7 @@ impl Webhook {
             },
             watch_namespace: Some(ns.name.clone()),
             namespace_cache: true,
+            client_ca_file,
             // The tests stop webhooks at will: no drain period.
             limits: appset_webhook::server::Limits {
                 drain: Duration::ZERO,
@@ -330,6 +342,19 @@ impl Webhook {
             stop: stop.take(),
             task,
         })
+    }
+
+    /// Sends one request to the webhook directly (not through the API server, and with no
+    /// client certificate).
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, String)> {
+        let mut conn = self.probe.connect().await?;
+        let (status, body) = conn.send(method, path, body.into()).await?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// The webhook's `/metrics` text.

@@ -915,3 +915,89 @@ async fn replicas_agree_on_one_certificate() -> Result<()> {
     ns.cleanup().await;
     Ok(())
 }
+
+/// The CA of the client certificate the local API server presents to webhooks (`up.sh` writes
+/// it next to the kubeconfig).
+fn webhook_client_ca() -> Result<std::path::PathBuf> {
+    let state = match std::env::var_os("APPSET_CLUSTER_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::PathBuf::from(
+            std::env::var_os("KUBECONFIG").context("neither APPSET_CLUSTER_DIR nor KUBECONFIG")?,
+        )
+        .parent()
+        .context("KUBECONFIG has no directory")?
+        .to_path_buf(),
+    };
+    let ca = state.join("pki/webhook-client-ca.crt");
+    ensure!(
+        ca.exists(),
+        "{} is missing: the cluster was not brought up by e2e/cluster/up.sh with the webhook client certificate",
+        ca.display()
+    );
+    Ok(ca)
+}
+
+#[tokio::test]
+async fn with_a_client_ca_reviews_are_answered_to_the_api_server_only() -> Result<()> {
+    let ca = webhook_client_ca()?;
+    let ns = enabled_namespace("wh-client-ca").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let webhook =
+        Webhook::start_with(&ns, quick_policy(), Duration::from_secs(30), Some(ca)).await?;
+    let result = async {
+        // The API server presents its client certificate: pods are reviewed and injected.
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let pod = ns
+            .api::<Pod>()
+            .create(&PostParams::default(), &nginx_pod("web-0")?)
+            .await?;
+        assert_git_content(&pod)?;
+        // Any other caller, here with a well-formed review naming the same namespace, is refused.
+        let review = json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "e2e-unauthenticated",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": ns.name,
+                "operation": "CREATE",
+                "userInfo": {"username": "someone"},
+                "object": serde_json::to_value(nginx_pod("stolen")?)?
+            }
+        });
+        let (status, body) = webhook
+            .send(
+                hyper::Method::POST,
+                "/mutate-pods",
+                serde_json::to_vec(&review)?,
+            )
+            .await?;
+        ensure!(
+            status == hyper::StatusCode::FORBIDDEN,
+            "an unauthenticated review got {status}: {body}"
+        );
+        ensure!(
+            !body.contains("git-clone"),
+            "the refusal leaked the injection: {body}"
+        );
+        // Probes and metrics stay open to clients without a certificate.
+        let (status, _) = webhook
+            .send(hyper::Method::GET, "/readyz", Vec::new())
+            .await?;
+        ensure!(status == hyper::StatusCode::OK, "/readyz answered {status}");
+        let metrics = webhook.metrics().await?;
+        ensure!(
+            metrics.contains("appset_webhook_errors_total{kind=\"unauthenticated\"} 1"),
+            "the refusal was not counted:\n{metrics}"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}

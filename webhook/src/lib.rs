@@ -69,6 +69,27 @@ pub struct Config {
     /// Keep a cache of namespace labels, compared with the API server's `namespaceSelector` on
     /// each request (a disagreement is counted, never acted on); readiness waits for it.
     pub namespace_cache: bool,
+    /// A PEM file of CAs: admission reviews are then answered only to clients presenting a
+    /// certificate they signed (the API server's, configured through its admission
+    /// configuration). Read once at start-up.
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
+/// The roots of the client CA file.
+fn client_roots(path: &std::path::Path) -> Result<Arc<rustls::RootCertStore>, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |why: String| Error::Config(format!("client CA file {}: {why}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no certificate".into()));
+    }
+    Ok(Arc::new(roots))
 }
 
 /// Errors that stop the webhook.
@@ -106,6 +127,11 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.tls.policy.check().map_err(Error::Config)?;
+    let client_roots = config
+        .client_ca_file
+        .as_deref()
+        .map(client_roots)
+        .transpose()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -194,6 +220,7 @@ pub async fn serve_on(
         readiness: readiness.clone(),
         denials: Some(denials),
         gate: server::Gate::new(config.limits),
+        client_roots,
     });
 
     let s = stopped();

@@ -71,6 +71,11 @@ struct Args {
     /// How long to keep serving after SIGTERM (with /readyz failing), in seconds.
     #[arg(long, env = "APPSET_WEBHOOK_DRAIN_SECONDS", default_value_t = 15)]
     drain_seconds: u64,
+    /// Answer admission reviews only to clients with a certificate signed by a CA in this PEM
+    /// file (give the API server one in its admission configuration). Probes and metrics stay
+    /// open.
+    #[arg(long, env = "APPSET_WEBHOOK_CLIENT_CA_FILE")]
+    client_ca_file: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, env = "APPSET_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     log_format: LogFormat,
@@ -98,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         },
         watch_namespace: args.watch_namespace,
         namespace_cache: !args.no_namespace_cache,
+        client_ca_file: args.client_ca_file,
         limits: appset_webhook::server::Limits {
             max_connections: args.max_connections.max(1),
             max_body: args.max_body_bytes.max(1024),

@@ -5,7 +5,8 @@
 //! * `appset_webhook_injections_total`: pods patched;
 //! * `appset_webhook_denials_total`: pods denied for a conflict;
 //! * `appset_webhook_errors_total`: requests that could not be reviewed, by `kind`
-//!   (`bad_request`, `invalid_object`, `body`);
+//!   (`bad_request`, `invalid_object`, `body`, and `unauthenticated` for a review refused for want of
+//!   a client certificate when a client CA is configured);
 //! * `appset_webhook_skipped_total`: pods allowed unchanged, by `reason`;
 //! * `appset_webhook_namespace_cache_stale_total`: requests the API server sent for a namespace
 //!   the webhook's namespace cache did not (yet) show as opted in; they are reviewed as usual;

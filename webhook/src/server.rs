@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! | --- | --- |
-//! | `POST /mutate-pods` | an AdmissionReview response (200); 400 for a body that is not one, 413 above the largest body, 408 when it does not arrive in time, 503 when the body budget is full ([`Limits`]) |
+//! | `POST /mutate-pods` | an AdmissionReview response (200); 400 for a body that is not one, 413 above the largest body, 408 when it does not arrive in time, 503 when the body budget is full ([`Limits`]); 403 when a client CA is configured and the connection presented no certificate of it |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 once the PodInjection (and namespace) watches have synced and a certificate is loaded; 503 before, and while draining |
 //! | `GET /metrics` | Prometheus text format |
@@ -158,7 +158,14 @@ pub struct AppState {
     pub denials: Option<crate::events::Denials>,
     /// The limits and the draining flag.
     pub gate: Gate,
+    /// When set, admission reviews are answered only on connections whose client certificate
+    /// verified against these roots (`--client-ca-file`).
+    pub client_roots: Option<Arc<rustls::RootCertStore>>,
 }
+
+/// Marks a request that came on a connection with a verified client certificate.
+#[derive(Clone, Copy, Debug)]
+pub struct VerifiedClient;
 
 impl AppState {
     /// The PodInjections of `namespace`.
@@ -218,6 +225,16 @@ fn answer(a: admin::Answer) -> Response<Full<Bytes>> {
 /// Answers one HTTP request.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/mutate-pods")
+            if state.client_roots.is_some()
+                && req.extensions().get::<VerifiedClient>().is_none() =>
+        {
+            state.metrics.error("unauthenticated", 0.0);
+            text(
+                StatusCode::FORBIDDEN,
+                "admission reviews need a client certificate of the configured client CA\n",
+            )
+        }
         (&Method::POST, "/mutate-pods") => match read_body(&state, req).await {
             Ok(body) => review(&state, &body),
             Err(refusal) => {
@@ -368,7 +385,7 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let acceptor = TlsAcceptor::from(state.resolver.server_config()?);
+    let acceptor = TlsAcceptor::from(state.resolver.server_config(state.client_roots.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(
         state.gate.limits.max_connections.max(1),
@@ -418,8 +435,13 @@ pub async fn run(
                         return;
                     }
                 };
-            let svc = service_fn(move |req| {
+            // The handshake verified any certificate the client sent.
+            let verified = tls.get_ref().1.peer_certificates().is_some();
+            let svc = service_fn(move |mut req: Request<Incoming>| {
                 let state = state.clone();
+                if verified {
+                    req.extensions_mut().insert(VerifiedClient);
+                }
                 async move {
                     let mut response = handle(state.clone(), req).await;
                     if state.gate.draining() {

@@ -64,6 +64,7 @@ async fn serves_reviews_health_readiness_metrics_and_swaps_certificates() {
         readiness,
         denials: None,
         gate: quick_gate(),
+        client_roots: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -216,6 +217,7 @@ fn lookup_reads_injections_from_memory_and_the_namespace_cache_only_counts() {
         readiness: Readiness::new(),
         denials: None,
         gate: quick_gate(),
+        client_roots: None,
     };
     let found = state.lookup("site");
     assert_eq!(found.len(), 1);
@@ -262,6 +264,7 @@ fn a_dry_run_denial_is_answered_but_never_reported() {
         readiness: Readiness::new(),
         denials: Some(denials),
         gate: quick_gate(),
+        client_roots: None,
     };
     let answer = |dry_run| {
         let r = server::review(&state, &conflicting_review(dry_run));
@@ -309,6 +312,7 @@ async fn start(
         readiness: Readiness::new(),
         denials: None,
         gate: server::Gate::new(limits),
+        client_roots: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

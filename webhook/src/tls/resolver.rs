@@ -79,13 +79,30 @@ impl CertResolver {
     }
 
     /// A rustls server configuration that serves whatever this resolver holds (HTTP/1.1).
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(self.clone());
+    ///
+    /// With `client_roots`, a client certificate is asked for and, when one is sent, verified
+    /// against those roots (a certificate that does not verify fails the handshake). Clients
+    /// without one still connect, for the kubelet's probes and metrics scrapers; the server
+    /// refuses them admission reviews ([`crate::server::handle`]).
+    pub fn server_config(
+        self: &Arc<Self>,
+        client_roots: Option<Arc<rustls::RootCertStore>>,
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match client_roots {
+            None => builder.with_no_client_auth(),
+            Some(roots) => {
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|e| rustls::Error::General(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut cfg = builder.with_cert_resolver(self.clone());
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }
