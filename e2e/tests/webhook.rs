@@ -1001,3 +1001,173 @@ async fn with_a_client_ca_reviews_are_answered_to_the_api_server_only() -> Resul
     ns.cleanup().await;
     Ok(())
 }
+
+/// What an abusive client does on its connection.
+#[derive(Clone, Copy)]
+enum Abuse {
+    /// Declares the largest body, sends a third of it, then a KiB every 100 ms.
+    SlowLargeBody,
+    /// Declares a body above the limit.
+    Oversized,
+    /// Sends bodies just under the limit that are not JSON, one after the other.
+    LargeGarbage,
+}
+
+async fn abuse(probe: appset_webhook::probe::Probe, how: Abuse, until: Instant) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MAX_BODY: usize = 3 * 1024 * 1024;
+    while Instant::now() < until {
+        let Ok(mut tls) = probe.connect_tls().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let declared = match how {
+            Abuse::SlowLargeBody => MAX_BODY,
+            Abuse::Oversized => 8 * MAX_BODY,
+            Abuse::LargeGarbage => MAX_BODY - 1024,
+        };
+        let head = format!(
+            "POST /mutate-pods HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+        );
+        if tls.write_all(head.as_bytes()).await.is_err() {
+            continue;
+        }
+        match how {
+            Abuse::SlowLargeBody => {
+                let _ = tls.write_all(&vec![b' '; MAX_BODY / 3]).await;
+                while Instant::now() < until {
+                    if tls.write_all(&[b' '; 1024]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Abuse::Oversized | Abuse::LargeGarbage => {
+                if matches!(how, Abuse::LargeGarbage) {
+                    let _ = tls.write_all(&vec![b'x'; declared]).await;
+                }
+                let mut buf = [0u8; 256];
+                let _ = tokio::time::timeout(Duration::from_secs(12), tls.read(&mut buf)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_process_under_abuse_stays_within_its_memory_limit_and_answers_the_api_server()
+-> Result<()> {
+    use appset_e2e::process::{Process, binary, free_port, memory_kib, scratch_dir};
+    let ns = enabled_namespace("wh-abuse").await?;
+    ns.api::<PodInjection>()
+        .create(&PostParams::default(), &git_content()?)
+        .await?;
+    let port = free_port()?;
+    let name = format!("appset-webhook-{}", ns.name);
+    let configs: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        Api::all(ns.client.clone());
+    configs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
+                "webhooks": [{
+                    "name": "inject.appset.dev",
+                    "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
+                    "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+                    "failurePolicy": "Fail",
+                    "sideEffects": "None",
+                    "admissionReviewVersions": ["v1"],
+                    "timeoutSeconds": 10
+                }]
+            }))?,
+        )
+        .await?;
+    let dir = scratch_dir(&ns.name)?;
+    let kubeconfig = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
+    let listen = format!("127.0.0.1:{port}");
+    // The chart's limits: 256 connections, 3 MiB bodies, 64 MiB of bodies, 10 s to send one.
+    let mut process = Process::start(
+        &binary("appset-webhook")?,
+        &[
+            "--listen",
+            &listen,
+            "--cert-secret-namespace",
+            &ns.name,
+            "--webhook-configuration",
+            &name,
+            "--watch-namespace",
+            &ns.name,
+            "--drain-seconds",
+            "0",
+        ],
+        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "warn")],
+        dir.join("webhook.log"),
+    )?;
+    let result = async {
+        wait_injecting(&ns, &nginx_pod("probe")?).await?;
+        let bundle = configs
+            .get(&name)
+            .await?
+            .webhooks
+            .into_iter()
+            .flatten()
+            .find_map(|w| w.client_config.ca_bundle)
+            .context("no caBundle")?;
+        let probe = appset_webhook::probe::Probe::new(
+            listen.parse()?,
+            "127.0.0.1",
+            &String::from_utf8_lossy(&bundle.0),
+        )?;
+        let before = memory_kib(process.id(), "VmRSS:").context("no VmRSS")?;
+        // 100 slow large bodies (300 MiB declared against a 64 MiB budget), 20 oversized and 30
+        // large garbage senders: 150 connections, for 12 s.
+        let until = Instant::now() + Duration::from_secs(12);
+        let mut clients = tokio::task::JoinSet::new();
+        for (n, how) in [
+            (100, Abuse::SlowLargeBody),
+            (20, Abuse::Oversized),
+            (30, Abuse::LargeGarbage),
+        ] {
+            for _ in 0..n {
+                clients.spawn(abuse(probe.clone(), how, until));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stream = PodStream::start(
+            ns.api(),
+            Duration::from_millis(200),
+            stream_pod,
+            injected_as_declared,
+        );
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        let report = stream.stop().await?;
+        clients.abort_all();
+        while clients.join_next().await.is_some() {}
+        let peak = memory_kib(process.id(), "VmHWM:").context("no VmHWM")?;
+        println!(
+            "webhook process under abuse (100 slow 3 MiB bodies, 20 oversized, 30 garbage senders for 12 s): RSS {} MiB before, peak {} MiB; pods through the API server meanwhile: {} attempts, {} admitted and injected, {} failed",
+            before / 1024,
+            peak / 1024,
+            report.attempts(),
+            report.admitted,
+            report.failed.len()
+        );
+        ensure_no_failures("pods created during the abuse", &report)?;
+        ensure!(report.admitted >= 30, "only {} pods were created", report.admitted);
+        // The chart's memory limit is 256 Mi; the body budget alone is 64 MiB.
+        ensure!(
+            peak < 192 * 1024,
+            "peak RSS {} MiB under abuse, too close to the 256 Mi limit",
+            peak / 1024
+        );
+        ensure!(process.running(), "the webhook exited: {}", process.log_tail());
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    process.kill();
+    let _ = configs.delete(&name, &Default::default()).await;
+    result.with_context(|| format!("webhook log: {}", process.log_tail()))?;
+    ns.cleanup().await;
+    Ok(())
+}
