@@ -1005,7 +1005,7 @@ async fn with_a_client_ca_reviews_are_answered_to_the_api_server_only() -> Resul
 /// What an abusive client does on its connection.
 #[derive(Clone, Copy)]
 enum Abuse {
-    /// Declares the largest body, sends a third of it, then a KiB every 100 ms.
+    /// Declares the largest body, sends two thirds of it, then a KiB every 100 ms.
     SlowLargeBody,
     /// Declares a body above the limit.
     Oversized,
@@ -1034,7 +1034,7 @@ async fn abuse(probe: appset_webhook::probe::Probe, how: Abuse, until: Instant) 
         }
         match how {
             Abuse::SlowLargeBody => {
-                let _ = tls.write_all(&vec![b' '; MAX_BODY / 3]).await;
+                let _ = tls.write_all(&vec![b' '; MAX_BODY / 3 * 2]).await;
                 while Instant::now() < until {
                     if tls.write_all(&[b' '; 1024]).await.is_err() {
                         break;
@@ -1120,8 +1120,8 @@ async fn a_webhook_process_under_abuse_stays_within_its_memory_limit_and_answers
             &String::from_utf8_lossy(&bundle.0),
         )?;
         let before = memory_kib(process.id(), "VmRSS:").context("no VmRSS")?;
-        // 100 slow large bodies (300 MiB declared against a 64 MiB budget), 20 oversized and 30
-        // large garbage senders: 150 connections, for 12 s.
+        // 100 slow large bodies (300 MiB declared and 200 MiB sent, against a 64 MiB budget), 20
+        // oversized and 30 large garbage senders: 150 connections, for 12 s.
         let until = Instant::now() + Duration::from_secs(12);
         let mut clients = tokio::task::JoinSet::new();
         for (n, how) in [
@@ -1146,7 +1146,7 @@ async fn a_webhook_process_under_abuse_stays_within_its_memory_limit_and_answers
         while clients.join_next().await.is_some() {}
         let peak = memory_kib(process.id(), "VmHWM:").context("no VmHWM")?;
         println!(
-            "webhook process under abuse (100 slow 3 MiB bodies, 20 oversized, 30 garbage senders for 12 s): RSS {} MiB before, peak {} MiB; pods through the API server meanwhile: {} attempts, {} admitted and injected, {} failed",
+            "webhook process under abuse (100 slow 3 MiB bodies, 2 MiB sent, 20 oversized, 30 garbage senders for 12 s): RSS {} MiB before, peak {} MiB; pods through the API server meanwhile: {} attempts, {} admitted and injected, {} failed",
             before / 1024,
             peak / 1024,
             report.attempts(),
@@ -1155,11 +1155,15 @@ async fn a_webhook_process_under_abuse_stays_within_its_memory_limit_and_answers
         );
         ensure_no_failures("pods created during the abuse", &report)?;
         ensure!(report.admitted >= 30, "only {} pods were created", report.admitted);
-        // The chart's memory limit is 256 Mi; the body budget alone is 64 MiB.
+        // What the limits allow: the body budget (64 MiB) and 24 MiB for connections and
+        // parsing over the idle footprint, well inside the chart's 256 Mi. Without the budget
+        // the slow senders alone would hold 200 MiB.
+        let bound = before + (64 + 24) * 1024;
         ensure!(
-            peak < 192 * 1024,
-            "peak RSS {} MiB under abuse, too close to the 256 Mi limit",
-            peak / 1024
+            peak < bound,
+            "peak RSS {} MiB under abuse, above the {} MiB the limits allow",
+            peak / 1024,
+            bound / 1024
         );
         ensure!(process.running(), "the webhook exited: {}", process.log_tail());
         Ok::<_, anyhow::Error>(())
