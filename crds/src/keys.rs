@@ -26,6 +26,19 @@ pub const CONFIG_HASH: &str = "appset.dev/config-hash";
 /// restart or a first adoption records a baseline instead of rolling the workload.
 pub const CONFIG_HASH_OBSERVED: &str = "appset.dev/config-hash-observed";
 
+/// The value of [`CONFIG_ROLLOUT`] that discovers as `"auto"` does and, in addition, pins every
+/// revision to immutable snapshots of its ConfigMaps and Secrets.
+pub const CONFIG_ROLLOUT_SNAPSHOT: &str = "snapshot";
+/// Written by the operator into `spec.template.metadata.annotations` in snapshot mode (and so
+/// present on every pod of that revision): a JSON object from `configmap/<name>` or
+/// `secret/<name>` to the name of the snapshot that pods of this revision read instead.
+pub const CONFIG_SNAPSHOTS: &str = "appset.dev/config-snapshots";
+/// On a snapshot ConfigMap or Secret: the source it copies, as `configmap/<name>` or
+/// `secret/<name>`.
+pub const SNAPSHOT_OF: &str = "appset.dev/snapshot-of";
+/// Label on every snapshot ConfigMap and Secret (value `"true"`), to list them.
+pub const SNAPSHOT_LABEL: &str = "appset.dev/snapshot";
+
 /// stakater/Reloader: `"true"` reloads on any referenced ConfigMap or Secret (compatibility mode).
 pub const RELOADER_AUTO: &str = "reloader.stakater.com/auto";
 /// stakater/Reloader: a comma-separated list of ConfigMaps to watch (compatibility mode).
