@@ -38,12 +38,14 @@ use tracing::{Instrument, info, info_span, warn};
 use super::index::{ReverseIndex, SourceRef, WorkloadKind, WorkloadRef};
 use super::metrics::Metrics;
 use super::rollout::{Decision, Input, Policy, WorkloadState};
+use super::snapshot;
 use crate::confighash::discovery::{self, OptIn};
 use crate::confighash::fetch::{self, FetchError};
 use crate::confighash::hash;
 use crate::confighash::live::LiveKeyring;
 use crate::confighash::rotation::{Digests, Observed};
 use crate::kubeapi::{self, Namespaced, Scope};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 /// The name the controller reports Events as.
 pub const CONTROLLER_NAME: &str = "appset-config-rollout";
@@ -67,6 +69,15 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Creating or adopting config snapshots failed.
+    #[error("config snapshots in {namespace}: {source}")]
+    Snapshot {
+        /// The namespace.
+        namespace: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// The reconcile did not finish within [`kubeapi::RECONCILE_DEADLINE`].
     #[error("the reconcile did not finish within {0:?} (is the API server answering?); retrying")]
     Timeout(Duration),
@@ -81,6 +92,8 @@ pub struct Settings {
     pub policy: Policy,
     /// Honour stakater/Reloader's annotations too.
     pub reloader_compat: bool,
+    /// Allow snapshot mode (`appset.dev/config-rollout: snapshot`).
+    pub snapshots: bool,
     /// How many workloads are reconciled at once.
     pub concurrency: u16,
     /// Reported as the Event's reporting instance (e.g. the pod name).
@@ -100,6 +113,7 @@ impl Default for Settings {
             scope: Scope::All,
             policy: Policy::default(),
             reloader_compat: false,
+            snapshots: false,
             concurrency: 16,
             instance: None,
             namespace_selector: None,
@@ -239,6 +253,7 @@ async fn apply_annotations<K: Workload>(
     obj: &K,
     observed: &Observed,
     template_hash: Option<&str>,
+    snapshots: Option<&str>,
 ) -> Result<(), Error> {
     let namespace = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
@@ -252,9 +267,14 @@ async fn apply_annotations<K: Workload>(
     });
     // Server-side apply removes fields this manager owned and no longer sends, so the
     // template hash is always sent when there is one.
+    // The same holds for the snapshot pins: sent in snapshot mode, dropped (and so removed)
+    // when the mode is switched off.
     if let Some(hash) = template_hash {
-        patch["spec"] =
-            json!({"template": {"metadata": {"annotations": {keys::CONFIG_HASH: hash}}}});
+        let mut annotations = json!({ keys::CONFIG_HASH: hash });
+        if let Some(pins) = snapshots {
+            annotations[keys::CONFIG_SNAPSHOTS] = json!(pins);
+        }
+        patch["spec"] = json!({"template": {"metadata": {"annotations": annotations}}});
     }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     api.patch(&name, &kubeapi::apply_params(), &Patch::Apply(&patch))
@@ -294,6 +314,11 @@ struct Hashed {
     input: Input,
     per_source: BTreeMap<discovery::SourceName, String>,
     sources: usize,
+    /// In snapshot mode: the sources as read (their data, to copy) and the copies to pin.
+    snapshot: Option<(
+        Vec<crate::confighash::hash::Source>,
+        BTreeMap<discovery::SourceName, String>,
+    )>,
 }
 
 async fn reconcile_inner<K: Workload>(
@@ -315,7 +340,50 @@ async fn reconcile_inner<K: Workload>(
         }
         Err(_) => return Ok(Action::requeue(Duration::from_secs(1))),
     };
-    act(obj, ctx, wref, hashed, decision, now).await
+    let snapshots = hashed.snapshot.is_some();
+    let action = act(obj, ctx, wref, hashed, decision, now).await?;
+    if snapshots {
+        adopt_snapshots(obj, ctx, wref).await?;
+    }
+    Ok(action)
+}
+
+/// Snapshot mode: the ReplicaSets take over the copies they use (see [`snapshot::adopt`]);
+/// copies a revision names but that are gone are reported.
+async fn adopt_snapshots<K: Workload>(
+    obj: &K,
+    ctx: &Context,
+    wref: &WorkloadRef,
+) -> Result<(), Error> {
+    let uid = obj.meta().uid.clone().unwrap_or_default();
+    let adoption = snapshot::adopt(&ctx.client, &wref.namespace, &uid)
+        .await
+        .map_err(|source| Error::Snapshot {
+            namespace: wref.namespace.clone(),
+            source,
+        })?;
+    if adoption.adopted > 0 || adoption.released > 0 {
+        info!(
+            adopted = adoption.adopted,
+            released = adoption.released,
+            "config snapshots now owned by the ReplicaSets that use them"
+        );
+    }
+    if !adoption.missing.is_empty() {
+        warn!(missing = ?adoption.missing, "config snapshots named by a revision are gone");
+        publish(
+            ctx,
+            obj,
+            EventType::Warning,
+            "ConfigSnapshotMissing",
+            format!(
+                "Config snapshots named by a revision of this workload were deleted: {}. Pods of that revision cannot start until they exist; the current revision's snapshots are recreated while its sources hold the same data",
+                adoption.missing.join(", ")
+            ),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 /// Steps 1 and 2: the opt-in, the index, and the digests of the sources now. `None` when the
@@ -349,6 +417,10 @@ async fn hash_sources<K: Workload>(
     let keyring = ctx.keyring.get();
     let digests = Digests::of(&keyring, &fetched.sources);
     let per_source = hash::per_source(&keyring.current, &fetched.sources);
+    let snapshot = snapshot_mode(obj, ctx).await.then(|| {
+        let pins = snapshot::desired(&fetched.sources, &per_source);
+        (fetched.sources, pins)
+    });
     Ok(Some(Hashed {
         input: Input {
             observed,
@@ -357,7 +429,76 @@ async fn hash_sources<K: Workload>(
         },
         per_source,
         sources: refs.len(),
+        snapshot,
     }))
+}
+
+/// Whether the workload asks for snapshot mode and may have it; a Warning Event says why not
+/// when it may not.
+async fn snapshot_mode<K: Workload>(obj: &K, ctx: &Context) -> bool {
+    let asked = obj
+        .meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(keys::CONFIG_ROLLOUT))
+        .is_some_and(|v| v.trim() == keys::CONFIG_ROLLOUT_SNAPSHOT);
+    if !asked {
+        return false;
+    }
+    let refused = if !ctx.settings.snapshots {
+        Some("config snapshots are not enabled in this operator (--config-snapshots, chart value configRollout.snapshots)".to_string())
+    } else if K::KIND != WorkloadKind::Deployment {
+        Some(format!(
+            "config snapshots are supported for Deployments only so far, not for a {}",
+            K::KIND.as_str()
+        ))
+    } else {
+        None
+    };
+    match refused {
+        None => true,
+        Some(why) => {
+            publish(
+                ctx,
+                obj,
+                EventType::Warning,
+                "ConfigSnapshotsUnavailable",
+                format!("Rolling out without snapshots: {why}"),
+            )
+            .await;
+            false
+        }
+    }
+}
+
+fn owner_ref<K: Workload>(obj: &K) -> OwnerReference {
+    OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: obj.name_any(),
+        uid: obj.meta().uid.clone().unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// In snapshot mode: creates the copies (before any template names them) and returns the pin
+/// annotation; `None` outside snapshot mode.
+async fn pin<K: Workload>(
+    obj: &K,
+    ctx: &Context,
+    wref: &WorkloadRef,
+    hashed: &Hashed,
+) -> Result<Option<String>, Error> {
+    let Some((sources, pins)) = &hashed.snapshot else {
+        return Ok(None);
+    };
+    snapshot::ensure(&ctx.client, &wref.namespace, sources, pins, &owner_ref(obj))
+        .await
+        .map_err(|source| Error::Snapshot {
+            namespace: wref.namespace.clone(),
+            source,
+        })?;
+    Ok(Some(snapshot::annotation(pins)))
 }
 
 /// Steps 3 and 4: carry out the decision.
@@ -369,15 +510,44 @@ async fn act<K: Workload>(
     decision: Decision,
     now: std::time::Instant,
 ) -> Result<Action, Error> {
-    let current = hashed.input.digests.current;
-    let per_source = hashed.per_source;
-    let template_hash = obj
+    let current = hashed.input.digests.current.clone();
+    let template_annotations = obj
         .template()
         .metadata
         .as_ref()
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(keys::CONFIG_HASH));
+        .and_then(|m| m.annotations.as_ref());
+    let template_hash = template_annotations.and_then(|a| a.get(keys::CONFIG_HASH));
+    let pinned = template_annotations.and_then(|a| a.get(keys::CONFIG_SNAPSHOTS));
+    // The pins the template should carry now (snapshot mode), made before any template names
+    // them; outside snapshot mode, none.
+    let pins = match &decision {
+        Decision::Wait { .. } | Decision::Blocked(_) => None,
+        _ => pin(obj, ctx, wref, &hashed).await?,
+    };
+    let per_source = hashed.per_source;
     match decision {
+        Decision::Unchanged if pins.as_ref() != pinned => {
+            // The mode was switched on or off with the data unchanged: this is the one rollout
+            // the switch makes.
+            let hash = template_hash
+                .cloned()
+                .unwrap_or_else(|| current.to_annotation());
+            apply_annotations(ctx, obj, &current, Some(&hash), pins.as_deref()).await?;
+            ctx.with_state(wref, |st| st.recorded(current, per_source));
+            let note = if pins.is_some() {
+                "Rolling out: pods are pinned to config snapshots from now on"
+            } else {
+                "Rolling out: pods read the ConfigMaps and Secrets directly again (snapshot mode off)"
+            };
+            publish(
+                ctx,
+                obj,
+                EventType::Normal,
+                "ConfigSnapshotsPinned",
+                note.into(),
+            )
+            .await;
+        }
         Decision::Unchanged => {
             ctx.with_state(wref, |st| {
                 if st.per_source.is_empty() {
@@ -386,7 +556,16 @@ async fn act<K: Workload>(
             });
         }
         Decision::Baseline(reason) => {
-            apply_annotations(ctx, obj, &current, template_hash.map(String::as_str)).await?;
+            apply_annotations(
+                ctx,
+                obj,
+                &current,
+                template_hash
+                    .map(String::as_str)
+                    .or(pins.as_ref().map(|_| current.to_annotation()).as_deref()),
+                pins.as_deref(),
+            )
+            .await?;
             ctx.with_state(wref, |st| st.recorded(current, per_source));
             ctx.metrics.baselines.get_or_create(&K::KIND.into()).inc();
             info!(
@@ -415,7 +594,7 @@ async fn act<K: Workload>(
         }
         Decision::Roll => {
             let value = current.to_annotation();
-            apply_annotations(ctx, obj, &current, Some(&value)).await?;
+            apply_annotations(ctx, obj, &current, Some(&value), pins.as_deref()).await?;
             let mut changed = None;
             ctx.with_state(wref, |st| {
                 changed = Some(st.rolled(current, per_source, now))

@@ -12,10 +12,14 @@
 //! 4. [`controller`] applies the decision with server-side apply and publishes Events, counted
 //!    in [`metrics`].
 //!
+//! 5. In snapshot mode, [`snapshot`] copies the sources into immutable snapshots before the
+//!    template is pinned to them, and hands their ownership to the ReplicaSets that use them.
+//!
 //! [`index`], [`rollout`] and [`metrics`] are pure; [`watch`] and [`controller`] do the I/O.
 
 pub mod controller;
 pub mod index;
 pub mod metrics;
 pub mod rollout;
+pub mod snapshot;
 pub mod watch;

@@ -291,7 +291,10 @@ impl OptIn {
     ) -> Option<Self> {
         let mut opt = OptIn::default();
         let get = |key: &str| annotations.get(key).map(|v| v.trim());
-        if get(keys::CONFIG_ROLLOUT) == Some(keys::CONFIG_ROLLOUT_AUTO) {
+        if matches!(
+            get(keys::CONFIG_ROLLOUT),
+            Some(keys::CONFIG_ROLLOUT_AUTO | keys::CONFIG_ROLLOUT_SNAPSHOT)
+        ) {
             opt.auto = true;
         }
         opt.config_maps

@@ -98,6 +98,8 @@ pub struct Source {
     pub name: String,
     /// Its data restricted to the keys used, or `None` when it does not exist.
     pub content: Option<Content>,
+    /// A Secret's `type` (not hashed: it is kept only so that a snapshot copies it).
+    pub secret_type: Option<String>,
 }
 
 fn restrict<V>(
@@ -124,6 +126,7 @@ impl Source {
                 data: restrict(cm.data, keys, String::into_bytes),
                 binary_data: restrict(cm.binary_data, keys, |b| b.0),
             }),
+            secret_type: None,
         }
     }
 
@@ -137,6 +140,7 @@ impl Source {
                 data: restrict(secret.data, keys, |b| b.0),
                 binary_data: BTreeMap::new(),
             }),
+            secret_type: secret.type_,
         }
     }
 
@@ -147,6 +151,7 @@ impl Source {
             namespace: namespace.to_string(),
             name: name.name.clone(),
             content: None,
+            secret_type: None,
         }
     }
 
@@ -374,12 +379,14 @@ mod tests {
             name: "sx".into(),
             kind: SourceKind::ConfigMap,
             content: None,
+            secret_type: None,
         };
         let s2 = Source {
             namespace: "ns".into(),
             name: "x".into(),
             kind: SourceKind::ConfigMap,
             content: None,
+            secret_type: None,
         };
         assert_ne!(encode(&[s1]), encode(&[s2]));
         // Two entries vs one entry whose value embeds the second.

@@ -79,6 +79,10 @@ pub struct Options {
     /// Also honour stakater/Reloader's annotations.
     #[arg(long, env = "APPSET_RELOADER_COMPAT")]
     pub reloader_compat: bool,
+    /// Allow `appset.dev/config-rollout: snapshot`: immutable copies of each revision's
+    /// ConfigMaps and Secrets (needs create/update on them, and list on ReplicaSets).
+    #[arg(long, env = "APPSET_CONFIG_SNAPSHOTS")]
+    pub config_snapshots: bool,
     /// How many workloads are reconciled at once.
     #[arg(long, env = "APPSET_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
@@ -132,6 +136,7 @@ impl Options {
             scope: self.scope(),
             policy: self.pacing(),
             reloader_compat: self.reloader_compat,
+            snapshots: self.config_snapshots,
             concurrency: self.concurrency.max(1),
             instance: Some(self.identity()),
             namespace_selector: self
