@@ -223,6 +223,15 @@ impl ConfigRollout {
     }
 }
 
+/// What a [`Webhook`] runner serves beyond injection.
+#[derive(Debug, Default, Clone)]
+pub struct WebhookOptions {
+    /// Answer reviews only to clients whose certificate a CA in this file signed.
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// Also register `/pin-config` for pods pinned to config snapshots.
+    pub pin_config: bool,
+}
+
 /// The name of the certificate Secret the webhook runner uses.
 pub const WEBHOOK_CERT_SECRET: &str = "appset-webhook-certs";
 
@@ -244,26 +253,28 @@ impl Webhook {
         policy: Policy,
         check_interval: Duration,
     ) -> Result<Self> {
-        Self::start_with(ns, policy, check_interval, None).await
+        Self::start_with(ns, policy, check_interval, WebhookOptions::default()).await
     }
 
-    /// [`Webhook::start`], answering reviews only to clients whose certificate a CA in
-    /// `client_ca_file` signed, when given.
+    /// [`Webhook::start`] with `options`.
     pub async fn start_with(
         ns: &TestNamespace,
         policy: Policy,
         check_interval: Duration,
-        client_ca_file: Option<std::path::PathBuf>,
+        options: WebhookOptions,
     ) -> Result<Self> {
+        let WebhookOptions {
+            client_ca_file,
+            pin_config,
+        } = options;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let name = format!("appset-webhook-{}", ns.name);
         let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
-        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
-            "webhooks": [{
-                "name": "inject.appset.dev",
-                "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate-pods", addr.port())},
+        let entry = |name: &str, path: &str| {
+            json!({
+                "name": name,
+                "clientConfig": {"url": format!("https://127.0.0.1:{}{path}", addr.port())},
                 "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
                 "failurePolicy": "Fail",
@@ -271,7 +282,21 @@ impl Webhook {
                 "reinvocationPolicy": "IfNeeded",
                 "admissionReviewVersions": ["v1"],
                 "timeoutSeconds": 10
-            }]
+            })
+        };
+        let mut webhooks = vec![entry("inject.appset.dev", "/mutate-pods")];
+        if pin_config {
+            // As the chart does: only pods that carry snapshot pins are sent.
+            let mut pin = entry("pin.appset.dev", "/pin-config");
+            pin["matchConditions"] = json!([{
+                "name": "pinned-to-config-snapshots",
+                "expression": format!("has(object.metadata.annotations) && '{}' in object.metadata.annotations", appset_crds::keys::CONFIG_SNAPSHOTS)
+            }]);
+            webhooks.push(pin);
+        }
+        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
+            "webhooks": webhooks
         }))?;
         configs
             .create(&PostParams::default(), &mwc)

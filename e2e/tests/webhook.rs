@@ -944,8 +944,16 @@ async fn with_a_client_ca_reviews_are_answered_to_the_api_server_only() -> Resul
     ns.api::<PodInjection>()
         .create(&PostParams::default(), &git_content()?)
         .await?;
-    let webhook =
-        Webhook::start_with(&ns, quick_policy(), Duration::from_secs(30), Some(ca)).await?;
+    let webhook = Webhook::start_with(
+        &ns,
+        quick_policy(),
+        Duration::from_secs(30),
+        appset_e2e::runners::WebhookOptions {
+            client_ca_file: Some(ca),
+            ..Default::default()
+        },
+    )
+    .await?;
     let result = async {
         // The API server presents its client certificate: pods are reviewed and injected.
         wait_injecting(&ns, &nginx_pod("probe")?).await?;

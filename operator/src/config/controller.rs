@@ -526,9 +526,10 @@ async fn act<K: Workload>(
     };
     let per_source = hashed.per_source;
     match decision {
-        Decision::Unchanged if pins.as_ref() != pinned => {
+        Decision::Unchanged if pins.is_some() != pinned.is_some() => {
             // The mode was switched on or off with the data unchanged: this is the one rollout
-            // the switch makes.
+            // the switch makes. Pins that merely differ are left alone: a rollback brought an
+            // older revision's template back, pins included, and with them its config.
             let hash = template_hash
                 .cloned()
                 .unwrap_or_else(|| current.to_annotation());

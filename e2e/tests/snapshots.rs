@@ -1,0 +1,468 @@
+//! Config snapshots end to end: a Deployment in `appset.dev/config-rollout: snapshot` mode, the
+//! config rollout controller and the webhook (with its `/pin-config` entry) in-process, on the
+//! real control plane. The Deployment's own controller makes the ReplicaSets and pods; the tests
+//! read which copy each pod references.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use appset_crds::keys;
+use appset_e2e::fixtures::{config_map, create, merge_patch, secret};
+use appset_e2e::runners::{ConfigRollout, Webhook, WebhookOptions};
+use appset_e2e::{TestNamespace, wait_for};
+use appset_operator::config::controller::Settings;
+use appset_operator::config::rollout::Policy;
+use appset_webhook::tls::material::Policy as TlsPolicy;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// The controller with snapshots on and short pacing; the webhook with its pin entry.
+async fn start(ns: &TestNamespace) -> Result<(ConfigRollout, Webhook)> {
+    let settings = Settings {
+        snapshots: true,
+        policy: Policy {
+            window: Duration::from_secs(1),
+            min_interval: Duration::from_secs(2),
+        },
+        ..ConfigRollout::settings(ns)
+    };
+    let webhook = Webhook::start_with(
+        ns,
+        TlsPolicy::default(),
+        Duration::from_secs(30),
+        WebhookOptions {
+            pin_config: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let rollout = ConfigRollout::start(ns, settings).await?;
+    Ok((rollout, webhook))
+}
+
+/// A Deployment of 4 reading `app-config` through `envFrom` and a volume, rolled one pod at a
+/// time with each new pod counted only after 2 s, so that a rollout can be watched.
+fn web(history: i32) -> serde_json::Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}},
+        "spec": {
+            "replicas": 4,
+            "revisionHistoryLimit": history,
+            "minReadySeconds": 2,
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "containers": [{
+                        "name": "web", "image": "nginx:1.27",
+                        "envFrom": [{"configMapRef": {"name": "app-config"}}],
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]
+                    }],
+                    "volumes": [{"name": "config", "configMap": {"name": "app-config"}}]
+                }
+            }
+        }
+    })
+}
+
+/// The pins of a template or pod annotation map.
+fn pins(annotations: Option<&BTreeMap<String, String>>) -> Option<BTreeMap<String, String>> {
+    serde_json::from_str(annotations?.get(keys::CONFIG_SNAPSHOTS)?).ok()
+}
+
+/// The ConfigMap names a pod reads through `envFrom` and volumes; they must all be one name.
+fn config_read(pod: &Pod) -> Result<String> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut names = BTreeSet::new();
+    for c in &spec.containers {
+        for e in c.env_from.iter().flatten() {
+            names.extend(e.config_map_ref.as_ref().map(|r| r.name.clone()));
+        }
+    }
+    for v in spec.volumes.iter().flatten() {
+        names.extend(v.config_map.as_ref().map(|c| c.name.clone()));
+    }
+    ensure!(
+        names.len() == 1,
+        "pod {} reads {names:?}, not one ConfigMap",
+        pod.name_any()
+    );
+    names.pop_first().context("no ConfigMap")
+}
+
+/// The current template's pin for `configmap/app-config`, once it differs from `not`.
+async fn wait_pin(deploys: &Api<Deployment>, not: Option<&str>) -> Result<String> {
+    wait_for("the template to be pinned", DEADLINE, || async {
+        let d = deploys.get("web").await?;
+        let pin = pins(
+            d.spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref()),
+        )
+        .and_then(|p| p.get("configmap/app-config").cloned());
+        Ok(match pin {
+            Some(p) if Some(p.as_str()) != not => Ok(p),
+            other => Err(format!("pin {other:?}")),
+        })
+    })
+    .await
+}
+
+/// The pods of the Deployment by the `pod-template-hash` of their ReplicaSet, with the copy
+/// each reads.
+async fn pods_by_revision(ns: &TestNamespace) -> Result<BTreeMap<String, Vec<(String, String)>>> {
+    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for pod in ns
+        .api::<Pod>()
+        .list(&ListParams::default().labels("app=web"))
+        .await?
+    {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let hash = pod
+            .labels()
+            .get("pod-template-hash")
+            .cloned()
+            .unwrap_or_default();
+        out.entry(hash)
+            .or_default()
+            .push((pod.name_any(), config_read(&pod)?));
+    }
+    Ok(out)
+}
+
+/// The ReplicaSet `pod-template-hash` whose template pins `copy`.
+async fn revision_of(ns: &TestNamespace, copy: &str) -> Result<String> {
+    for rs in ns.api::<ReplicaSet>().list(&ListParams::default()).await? {
+        let pinned = pins(
+            rs.spec
+                .template
+                .as_ref()
+                .and_then(|t| t.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref()),
+        );
+        if pinned.is_some_and(|p| p.values().any(|v| v == copy)) {
+            return rs
+                .labels()
+                .get("pod-template-hash")
+                .cloned()
+                .context("ReplicaSet without pod-template-hash");
+        }
+    }
+    anyhow::bail!("no ReplicaSet pins {copy}")
+}
+
+/// Waits until all 4 pods are of one revision and read `copy`.
+async fn wait_settled(ns: &TestNamespace, copy: &str) -> Result<()> {
+    wait_for(&format!("4 pods reading {copy}"), DEADLINE, || async {
+        let by = pods_by_revision(ns).await?;
+        let all: Vec<&(String, String)> = by.values().flatten().collect();
+        Ok(if all.len() == 4 && all.iter().all(|(_, c)| c == copy) {
+            Ok(())
+        } else {
+            Err(format!("{by:?}"))
+        })
+    })
+    .await
+}
+
+/// Watches a rollout from `old` to `new`: every pod of the old revision reads `old`, every pod
+/// of the new one reads `new`, at every look; mid-way one old pod is deleted and its
+/// replacement must read `old`. Returns how many looks saw both revisions at once.
+async fn watch_rollout(ns: &TestNamespace, old: &str, new: &str) -> Result<usize> {
+    let old_rev = revision_of(ns, old).await?;
+    let new_rev = wait_for("the new ReplicaSet", DEADLINE, || async {
+        Ok(revision_of(ns, new).await.map_err(|e| e.to_string()))
+    })
+    .await?;
+    let pods = ns.api::<Pod>();
+    let mut mixed = 0;
+    let mut deleted: Option<String> = None;
+    let mut replacement_checked = false;
+    let start = std::time::Instant::now();
+    loop {
+        ensure!(start.elapsed() < DEADLINE, "the rollout did not finish");
+        let by = pods_by_revision(ns).await?;
+        for (rev, list) in &by {
+            let want = if *rev == old_rev {
+                old
+            } else if *rev == new_rev {
+                new
+            } else {
+                anyhow::bail!("pods of an unexpected revision {rev}: {by:?}")
+            };
+            for (pod, copy) in list {
+                ensure!(
+                    copy == want,
+                    "pod {pod} of revision {rev} reads {copy}, not {want}"
+                );
+            }
+        }
+        let olds = by.get(&old_rev).cloned().unwrap_or_default();
+        let news = by.get(&new_rev).map_or(0, Vec::len);
+        if !olds.is_empty() && news > 0 {
+            mixed += 1;
+            match &deleted {
+                None => {
+                    let (victim, _) = olds[0].clone();
+                    pods.delete(&victim, &DeleteParams::default()).await?;
+                    deleted = Some(victim);
+                }
+                Some(victim) => {
+                    // A replacement made by the old ReplicaSet reads the old copy (checked
+                    // above for every old pod); note that one was seen.
+                    if olds.iter().any(|(p, _)| p != victim) {
+                        replacement_checked = true;
+                    }
+                }
+            }
+        }
+        if olds.is_empty() && news == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    ensure!(mixed > 0, "never saw both revisions at once");
+    ensure!(
+        deleted.is_some() && replacement_checked,
+        "no old pod was deleted and replaced mid-rollout"
+    );
+    Ok(mixed)
+}
+
+async fn copy_data(ns: &TestNamespace, copy: &str) -> Result<ConfigMap> {
+    ns.api::<ConfigMap>()
+        .get(copy)
+        .await
+        .with_context(|| format!("snapshot {copy}"))
+}
+
+#[tokio::test]
+async fn a_deployment_in_snapshot_mode_keeps_each_revision_on_its_own_config() -> Result<()> {
+    let ns = TestNamespace::new("snap-deploy").await?;
+    let (rollout, webhook) = start(&ns).await?;
+    let result = async {
+        let cms = ns.api::<ConfigMap>();
+        let deploys = ns.api::<Deployment>();
+        create(&cms, config_map("app-config", json!({"greeting": "v1"}))).await?;
+        create(&deploys, web(1)).await?;
+        let a = wait_pin(&deploys, None).await?;
+        wait_settled(&ns, &a).await?;
+        let snap_a = copy_data(&ns, &a).await?;
+        ensure!(
+            snap_a.immutable == Some(true),
+            "snapshot {a} is not immutable"
+        );
+        ensure!(
+            snap_a
+                .data
+                .as_ref()
+                .and_then(|d| d.get("greeting"))
+                .map(String::as_str)
+                == Some("v1"),
+            "snapshot {a} holds {:?}",
+            snap_a.data
+        );
+
+        // v2: during the rollout old pods read A, new ones B, and a replaced old pod reads A.
+        merge_patch(&cms, "app-config", json!({"data": {"greeting": "v2"}})).await?;
+        let b = wait_pin(&deploys, Some(&a)).await?;
+        let mixed = watch_rollout(&ns, &a, &b).await?;
+        println!("rollout A→B: {mixed} looks saw both revisions, each reading its own copy");
+        ensure!(
+            copy_data(&ns, &b)
+                .await?
+                .data
+                .and_then(|d| d.get("greeting").cloned())
+                .as_deref()
+                == Some("v2"),
+            "snapshot {b} does not hold v2"
+        );
+
+        // Rollback as `kubectl rollout undo` does: the old ReplicaSet's template goes back into
+        // the Deployment, pins included; the pods read A again, with v1 in it.
+        let rs_a = ns
+            .api::<ReplicaSet>()
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|rs| {
+                pins(
+                    rs.spec
+                        .template
+                        .as_ref()
+                        .and_then(|t| t.metadata.as_ref())
+                        .and_then(|m| m.annotations.as_ref()),
+                )
+                .is_some_and(|p| p.values().any(|v| *v == a))
+            })
+            .context("the ReplicaSet of A")?;
+        let mut template = rs_a.spec.template.clone().context("template")?;
+        if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+            labels.remove("pod-template-hash");
+        }
+        deploys
+            .patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"template": template}})),
+            )
+            .await?;
+        wait_settled(&ns, &a).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        ensure!(
+            wait_pin(&deploys, None).await? == a,
+            "the operator moved the rolled-back template off A"
+        );
+        ensure!(
+            copy_data(&ns, &a)
+                .await?
+                .data
+                .and_then(|d| d.get("greeting").cloned())
+                .as_deref()
+                == Some("v1"),
+            "snapshot A no longer holds v1"
+        );
+
+        // v3: with revisionHistoryLimit 1 the ReplicaSet of B is pruned, and B with it; A (the
+        // kept old revision) and C stay.
+        merge_patch(&cms, "app-config", json!({"data": {"greeting": "v3"}})).await?;
+        let c = wait_pin(&deploys, Some(&a)).await?;
+        wait_settled(&ns, &c).await?;
+        wait_for("snapshot B to be collected", DEADLINE, || async {
+            Ok(match cms.get_opt(&b).await? {
+                None => Ok(()),
+                Some(cm) => Err(format!("B still owned by {:?}", cm.owner_references())),
+            })
+        })
+        .await?;
+        for kept in [&a, &c] {
+            let cm = copy_data(&ns, kept).await?;
+            ensure!(
+                cm.owner_references().iter().all(|o| o.kind == "ReplicaSet")
+                    && !cm.owner_references().is_empty(),
+                "snapshot {kept} is owned by {:?}, not by its ReplicaSet alone",
+                cm.owner_references()
+            );
+        }
+        let snapshots: Vec<String> = cms
+            .list(&ListParams::default().labels(&format!("{}=true", keys::SNAPSHOT_LABEL)))
+            .await?
+            .items
+            .iter()
+            .map(|c| c.name_any())
+            .collect();
+        let mut want = vec![a.clone(), c.clone()];
+        want.sort();
+        let mut got = snapshots.clone();
+        got.sort();
+        ensure!(got == want, "snapshots left {got:?}, expected {want:?}");
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rollout.stop().await?;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_secret_snapshot_is_immutable_of_the_same_type_and_its_value_stays_inside() -> Result<()>
+{
+    const CANARY: &str = "canary-7d1f0c9e5b";
+    let ns = TestNamespace::new("snap-secret").await?;
+    let (rollout, webhook) = start(&ns).await?;
+    let result = async {
+        let mut s = secret("db", json!({"username": "app", "password": CANARY}));
+        s["type"] = json!("kubernetes.io/basic-auth");
+        create(&ns.api::<Secret>(), s).await?;
+        create(
+            &ns.api::<Deployment>(),
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "api", "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "api"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "api"}},
+                        "spec": {"containers": [{
+                            "name": "api", "image": "nginx:1.27",
+                            "env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]
+                        }]}
+                    }
+                }
+            }),
+        )
+        .await?;
+        let copy = wait_for("a pod reading the snapshot", DEADLINE, || async {
+            let pods = ns.api::<Pod>().list(&ListParams::default().labels("app=api")).await?;
+            let name = pods.items.first().and_then(|p| {
+                p.spec.as_ref()?.containers[0].env.as_ref()?[0]
+                    .value_from
+                    .as_ref()?
+                    .secret_key_ref
+                    .as_ref()
+                    .map(|r| r.name.clone())
+            });
+            Ok(match name {
+                Some(n) if n != "db" => Ok(n),
+                other => Err(format!("reads {other:?}")),
+            })
+        })
+        .await?;
+        let snap = ns.api::<Secret>().get(&copy).await?;
+        ensure!(snap.immutable == Some(true), "the snapshot is not immutable");
+        ensure!(
+            snap.type_.as_deref() == Some("kubernetes.io/basic-auth"),
+            "the snapshot's type is {:?}",
+            snap.type_
+        );
+        let data = snap.data.clone().unwrap_or_default();
+        ensure!(
+            data.get("password").map(|b| b.0.as_slice()) == Some(CANARY.as_bytes()),
+            "the snapshot does not hold the password"
+        );
+        ensure!(
+            !data.contains_key("username"),
+            "a key the pod does not read was copied"
+        );
+        // The value appears nowhere but in the two Secrets: not in names, annotations, labels
+        // or Events.
+        let mut seen = Vec::new();
+        let events = ns
+            .api::<k8s_openapi::api::core::v1::Event>()
+            .list(&ListParams::default())
+            .await?;
+        seen.extend(events.items.iter().map(|e| serde_json::to_string(e).unwrap_or_default()));
+        let deploy = ns.api::<Deployment>().get("api").await?;
+        seen.push(serde_json::to_string(&deploy)?);
+        for pod in ns.api::<Pod>().list(&ListParams::default()).await? {
+            seen.push(serde_json::to_string(&pod)?);
+        }
+        seen.push(serde_json::to_string(&snap.metadata)?);
+        for text in &seen {
+            ensure!(!text.contains(CANARY), "the Secret's value leaked: {text}");
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rollout.stop().await?;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
