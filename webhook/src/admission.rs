@@ -12,6 +12,12 @@
 //!
 //! Requests that are not a Pod CREATE, pods in a namespace the cache knows is not opted in, and
 //! pods annotated `appset.dev/inject: disabled` are allowed unchanged.
+//!
+//! The `/pin-config` route has its own decision, [`PinDecision`] from [`decide_pin`] (or
+//! [`respond_pin`] in one step), over the same parsing and wire format: it never injects, it only
+//! answers with the `replace` patch of [`crate::pin`], and a malformed
+//! `appset.dev/config-snapshots` annotation is denied with `status.code` 400. A dry run gets the
+//! same answer as a real request (the route has no side effects at all).
 
 use appset_crds::PodInjection;
 use base64::Engine;
@@ -20,7 +26,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::matching;
-use crate::patch::AddOp;
+use crate::patch::{AddOp, ReplaceOp};
+use crate::pin::{self, Pin};
 use crate::plan::{self, Candidate, Plan};
 
 /// The API version of the reviews the webhook answers.
@@ -185,20 +192,9 @@ where
     if !req.is_pod_create {
         return allow(Skip::NotPodCreate);
     }
-    let Some(object) = &req.object else {
-        return Decision::Invalid {
-            uid,
-            message: "the request has no object".into(),
-        };
-    };
-    let pod: Pod = match Pod::deserialize(object) {
+    let pod = match read_pod(req) {
         Ok(p) => p,
-        Err(e) => {
-            return Decision::Invalid {
-                uid,
-                message: format!("the object is not a readable Pod: {e}"),
-            };
-        }
+        Err(message) => return Decision::Invalid { uid, message },
     };
     if pod
         .metadata
@@ -208,11 +204,7 @@ where
     {
         return allow(Skip::OptedOut);
     }
-    let namespace = if req.namespace.is_empty() {
-        pod.metadata.namespace.clone().unwrap_or_default()
-    } else {
-        req.namespace.clone()
-    };
+    let namespace = namespace_of(req, &pod);
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let matched = matching::matching(&namespace, &labels, injections);
     let candidates: Vec<Candidate<'_>> = matched.into_iter().map(Candidate::of).collect();
@@ -231,25 +223,73 @@ where
         Plan::Deny {
             message,
             injections,
-        } => {
-            let who = if req.name.is_empty() {
-                pod.metadata
-                    .generate_name
-                    .clone()
-                    .map(|g| format!("{g}*"))
-                    .unwrap_or_else(|| "pod".into())
-            } else {
-                req.name.clone()
-            };
-            Decision::Deny {
-                uid,
-                message: format!("pod {namespace}/{who}: {message}"),
-                namespace,
-                injections,
-                dry_run: req.dry_run,
-            }
-        }
+        } => Decision::Deny {
+            uid,
+            message: format!("pod {namespace}/{}: {message}", who(req, &pod)),
+            namespace,
+            injections,
+            dry_run: req.dry_run,
+        },
     }
+}
+
+/// The request's object as a Pod, or the message of an [`Decision::Invalid`].
+fn read_pod(req: &Request) -> Result<Pod, String> {
+    let object = req
+        .object
+        .as_ref()
+        .ok_or_else(|| "the request has no object".to_string())?;
+    Pod::deserialize(object).map_err(|e| format!("the object is not a readable Pod: {e}"))
+}
+
+/// The pod's name for messages: the request's name, else the object's, else its
+/// `generateName` prefix and `*`, else `pod`.
+fn who(req: &Request, pod: &Pod) -> String {
+    if !req.name.is_empty() {
+        return req.name.clone();
+    }
+    if let Some(name) = pod.metadata.name.as_ref().filter(|n| !n.is_empty()) {
+        return name.clone();
+    }
+    pod.metadata
+        .generate_name
+        .clone()
+        .map(|g| format!("{g}*"))
+        .unwrap_or_else(|| "pod".into())
+}
+
+/// The namespace of the request, or of the pod when the request names none.
+fn namespace_of(req: &Request, pod: &Pod) -> String {
+    if req.namespace.is_empty() {
+        pod.metadata.namespace.clone().unwrap_or_default()
+    } else {
+        req.namespace.clone()
+    }
+}
+
+/// An allowed response carrying `ops` as a base64-encoded JSON Patch.
+fn patched<T: serde::Serialize>(uid: &str, ops: &[T]) -> Value {
+    let patch = serde_json::to_vec(ops).unwrap_or_default();
+    json!({
+        "uid": uid,
+        "allowed": true,
+        "patchType": "JSONPatch",
+        "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+    })
+}
+
+/// A refusal with `status.code`, `status.reason` and the message for the client.
+fn refused(uid: &str, code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "uid": uid,
+        "allowed": false,
+        "status": { "code": code, "reason": reason, "message": message },
+    })
+}
+
+/// The AdmissionReview envelope around a response.
+fn envelope(api_version: &str, response: Value) -> Value {
+    json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response })
 }
 
 impl Decision {
@@ -263,31 +303,17 @@ impl Decision {
                 applied,
                 warnings,
             } => {
-                let patch = serde_json::to_vec(ops).unwrap_or_default();
-                let mut r = json!({
-                    "uid": uid,
-                    "allowed": true,
-                    "patchType": "JSONPatch",
-                    "patch": base64::engine::general_purpose::STANDARD.encode(patch),
-                    "auditAnnotations": { "injected": plan::format_injected(applied) },
-                });
+                let mut r = patched(uid, ops);
+                r["auditAnnotations"] = json!({ "injected": plan::format_injected(applied) });
                 if !warnings.is_empty() {
                     r["warnings"] = json!(warnings);
                 }
                 r
             }
-            Decision::Deny { uid, message, .. } => json!({
-                "uid": uid,
-                "allowed": false,
-                "status": { "code": 403, "reason": "Forbidden", "message": message },
-            }),
-            Decision::Invalid { uid, message } => json!({
-                "uid": uid,
-                "allowed": false,
-                "status": { "code": 400, "reason": "BadRequest", "message": message },
-            }),
+            Decision::Deny { uid, message, .. } => refused(uid, 403, "Forbidden", message),
+            Decision::Invalid { uid, message } => refused(uid, 400, "BadRequest", message),
         };
-        json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response })
+        envelope(api_version, response)
     }
 }
 
@@ -304,6 +330,102 @@ where
         Vec::new()
     };
     let decision = decide(&req, injections.iter().map(|p| &**p));
+    let bytes = serde_json::to_vec(&decision.response(&req.api_version))
+        .map_err(|e| BadRequest(format!("cannot encode the response: {e}")))?;
+    Ok((decision, bytes))
+}
+
+/// Why `/pin-config` allowed a pod unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinSkip {
+    /// Not a Pod CREATE.
+    NotPodCreate,
+    /// The pod has no `appset.dev/config-snapshots` annotation.
+    NoAnnotation,
+    /// No reference names a source of the annotation (already pinned, or none read).
+    NothingToDo,
+}
+
+/// The answer of `/pin-config` to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PinDecision {
+    /// Allowed unchanged.
+    Allow {
+        /// Echoed uid.
+        uid: String,
+        /// Why nothing was rewritten.
+        skip: PinSkip,
+    },
+    /// Allowed with the references pointed at the snapshots.
+    Pin {
+        /// Echoed uid.
+        uid: String,
+        /// The JSON Patch (`replace` operations only).
+        ops: Vec<ReplaceOp>,
+    },
+    /// Denied: the annotation is malformed (`status.code` 400).
+    Deny {
+        /// Echoed uid.
+        uid: String,
+        /// The message for the client: the pod, the annotation and what is wrong with it.
+        message: String,
+        /// The request was a dry run (answered the same: the route has no side effects).
+        dry_run: bool,
+    },
+    /// Denied because the object is not a readable Pod.
+    Invalid {
+        /// Echoed uid.
+        uid: String,
+        /// What could not be read.
+        message: String,
+    },
+}
+
+/// Decides a parsed request for `/pin-config`: see [`crate::pin`].
+pub fn decide_pin(req: &Request) -> PinDecision {
+    let uid = req.uid.clone();
+    if !req.is_pod_create {
+        return PinDecision::Allow {
+            uid,
+            skip: PinSkip::NotPodCreate,
+        };
+    }
+    let pod = match read_pod(req) {
+        Ok(p) => p,
+        Err(message) => return PinDecision::Invalid { uid, message },
+    };
+    let skip = match pin::pin(&pod) {
+        Pin::Patch(ops) => return PinDecision::Pin { uid, ops },
+        Pin::Malformed(e) => {
+            return PinDecision::Deny {
+                uid,
+                message: format!("pod {}/{}: {e}", namespace_of(req, &pod), who(req, &pod)),
+                dry_run: req.dry_run,
+            };
+        }
+        Pin::NoAnnotation => PinSkip::NoAnnotation,
+        Pin::Unchanged => PinSkip::NothingToDo,
+    };
+    PinDecision::Allow { uid, skip }
+}
+
+impl PinDecision {
+    /// The AdmissionReview response body for this decision.
+    pub fn response(&self, api_version: &str) -> Value {
+        let response = match self {
+            PinDecision::Allow { uid, .. } => json!({ "uid": uid, "allowed": true }),
+            PinDecision::Pin { uid, ops } => patched(uid, ops),
+            PinDecision::Deny { uid, message, .. } => refused(uid, 400, "BadRequest", message),
+            PinDecision::Invalid { uid, message } => refused(uid, 400, "BadRequest", message),
+        };
+        envelope(api_version, response)
+    }
+}
+
+/// Parses, decides and encodes a `/pin-config` request in one step.
+pub fn respond_pin(body: &[u8]) -> Result<(PinDecision, Vec<u8>), BadRequest> {
+    let req = parse(body)?;
+    let decision = decide_pin(&req);
     let bytes = serde_json::to_vec(&decision.response(&req.api_version))
         .map_err(|e| BadRequest(format!("cannot encode the response: {e}")))?;
     Ok((decision, bytes))

@@ -1,7 +1,9 @@
 //! The appset injection webhook.
 //!
 //! A mutating admission webhook on Pod CREATE that injects the init containers, emptyDir volumes
-//! and mounts declared in `PodInjection` resources. Data flow:
+//! and mounts declared in `PodInjection` resources (`/mutate-pods`), and that points a pod's
+//! ConfigMap and Secret references at the snapshots named in its `appset.dev/config-snapshots`
+//! annotation (`/pin-config`, [`pin`]: a function of the pod alone). Data flow:
 //!
 //! ```text
 //!                 PodInjection watch ──▶ reflector store ─┐
@@ -12,7 +14,7 @@
 //!                                      └──▶ MutatingWebhookConfiguration caBundle
 //! ```
 //!
-//! * [`matching`], [`plan`], [`patch`] and [`admission`] are pure: the answer to a request is a
+//! * [`matching`], [`plan`], [`pin`], [`patch`] and [`admission`] are pure: the answer to a request is a
 //!   function of the request body and the objects in memory, with no API call on the request
 //!   path.
 //! * [`server`] is the HTTPS server; [`tls`] keeps its certificate; [`metrics`] counts;
@@ -31,6 +33,7 @@ pub mod events;
 pub mod matching;
 pub mod metrics;
 pub mod patch;
+pub mod pin;
 pub mod plan;
 pub mod probe;
 pub mod server;

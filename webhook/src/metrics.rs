@@ -1,13 +1,21 @@
 //! Prometheus metrics of the webhook, served at `/metrics`.
 //!
 //! * `appset_webhook_admission_duration_seconds`: histogram of the time from a complete request
-//!   body to the encoded response, labelled by `outcome`;
+//!   body to the encoded response, labelled by `outcome` (`/mutate-pods`: `injected`, `denied`,
+//!   `unchanged`; `/pin-config`: `pinned`, `pin_denied`, `pin_unchanged`; either: `invalid`,
+//!   `error`);
 //! * `appset_webhook_injections_total`: pods patched;
 //! * `appset_webhook_denials_total`: pods denied for a conflict;
-//! * `appset_webhook_errors_total`: requests that could not be reviewed, by `kind`
+//! * `appset_webhook_errors_total`: requests to either route that could not be reviewed, by `kind`
 //!   (`bad_request`, `invalid_object`, `body`, and `unauthenticated` for a review refused for want of
 //!   a client certificate when a client CA is configured);
-//! * `appset_webhook_skipped_total`: pods allowed unchanged, by `reason`;
+//! * `appset_webhook_skipped_total`: pods allowed unchanged by `/mutate-pods`, by `reason`;
+//! * `appset_webhook_pinned_total`: pods whose ConfigMap and Secret references `/pin-config`
+//!   rewrote to their snapshots;
+//! * `appset_webhook_pin_denials_total`: pods `/pin-config` denied for a malformed
+//!   `appset.dev/config-snapshots` annotation;
+//! * `appset_webhook_pin_skipped_total`: pods `/pin-config` allowed unchanged, by `reason`
+//!   (`not_pod_create`, `no_annotation`, `nothing_to_do`);
 //! * `appset_webhook_namespace_cache_stale_total`: requests the API server sent for a namespace
 //!   the webhook's namespace cache did not (yet) show as opted in; they are reviewed as usual;
 //! * `appset_webhook_certificate_expiry_timestamp_seconds`: expiry (unix seconds) of each
@@ -24,7 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::admission::{Decision, Skip};
+use crate::admission::{Decision, PinDecision, PinSkip, Skip};
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -36,6 +44,9 @@ pub struct Metrics {
     denials: Counter,
     errors: Family<Labels, Counter>,
     skipped: Family<Labels, Counter>,
+    pinned: Counter,
+    pin_denials: Counter,
+    pin_skipped: Family<Labels, Counter>,
     /// Requests whose namespace the cache did not show as opted in.
     pub namespace_cache_stale: Counter,
     tls: TlsMetrics,
@@ -93,7 +104,29 @@ impl Metrics {
             "Requests that could not be reviewed",
             errors.clone(),
         );
-        registry.register("skipped", "Pods allowed unchanged", skipped.clone());
+        registry.register(
+            "skipped",
+            "Pods allowed unchanged by /mutate-pods",
+            skipped.clone(),
+        );
+        let pinned = Counter::default();
+        let pin_denials = Counter::default();
+        let pin_skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            "pinned",
+            "Pods whose ConfigMap and Secret references were rewritten to their snapshots",
+            pinned.clone(),
+        );
+        registry.register(
+            "pin_denials",
+            "Pods denied for a malformed config-snapshots annotation",
+            pin_denials.clone(),
+        );
+        registry.register(
+            "pin_skipped",
+            "Pods allowed unchanged by /pin-config",
+            pin_skipped.clone(),
+        );
         let namespace_cache_stale = Counter::default();
         registry.register(
             "namespace_cache_stale",
@@ -119,6 +152,9 @@ impl Metrics {
             denials,
             errors,
             skipped,
+            pinned,
+            pin_denials,
+            pin_skipped,
             namespace_cache_stale,
         }
     }
@@ -149,6 +185,40 @@ impl Metrics {
                 "denied"
             }
             Decision::Invalid { .. } => {
+                self.errors
+                    .get_or_create(&vec![("kind", "invalid_object")])
+                    .inc();
+                "invalid"
+            }
+        };
+        self.latency
+            .get_or_create(&vec![("outcome", outcome)])
+            .observe(seconds);
+    }
+
+    /// Records one request reviewed by `/pin-config`.
+    pub fn observe_pin(&self, decision: &PinDecision, seconds: f64) {
+        let outcome = match decision {
+            PinDecision::Allow { skip, .. } => {
+                let reason = match skip {
+                    PinSkip::NotPodCreate => "not_pod_create",
+                    PinSkip::NoAnnotation => "no_annotation",
+                    PinSkip::NothingToDo => "nothing_to_do",
+                };
+                self.pin_skipped
+                    .get_or_create(&vec![("reason", reason)])
+                    .inc();
+                "pin_unchanged"
+            }
+            PinDecision::Pin { .. } => {
+                self.pinned.inc();
+                "pinned"
+            }
+            PinDecision::Deny { .. } => {
+                self.pin_denials.inc();
+                "pin_denied"
+            }
+            PinDecision::Invalid { .. } => {
                 self.errors
                     .get_or_create(&vec![("kind", "invalid_object")])
                     .inc();
@@ -223,6 +293,50 @@ mod tests {
         assert!(
             text.contains(
                 "appset_webhook_admission_duration_seconds_count{outcome=\"injected\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn counts_pin_outcomes() {
+        let m = Metrics::new();
+        m.observe_pin(
+            &PinDecision::Pin {
+                uid: "u".into(),
+                ops: vec![],
+            },
+            0.001,
+        );
+        m.observe_pin(
+            &PinDecision::Deny {
+                uid: "u".into(),
+                message: "m".into(),
+                dry_run: false,
+            },
+            0.001,
+        );
+        m.observe_pin(
+            &PinDecision::Allow {
+                uid: "u".into(),
+                skip: PinSkip::NoAnnotation,
+            },
+            0.001,
+        );
+        let text = m.answer().body;
+        assert!(text.contains("appset_webhook_pinned_total 1"), "{text}");
+        assert!(
+            text.contains("appset_webhook_pin_denials_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appset_webhook_pin_skipped_total{reason=\"no_annotation\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("appset_webhook_injections_total 0"), "{text}");
+        assert!(
+            text.contains(
+                "appset_webhook_admission_duration_seconds_count{outcome=\"pin_denied\"} 1"
             ),
             "{text}"
         );

@@ -1,9 +1,16 @@
-//! JSON Patch (RFC 6902) operations that only ever add, with RFC 6901 pointer escaping.
+//! JSON Patch (RFC 6902) operations, with RFC 6901 pointer escaping.
 //!
-//! The webhook never emits `replace` or `remove`: a list is either created whole when the pod
-//! has none, or grown by `add` at an index (`/spec/initContainers/0`, which inserts and shifts)
-//! or at the end (`/-`). Map keys such as annotation names are escaped (`~` → `~0`, `/` → `~1`),
-//! so `appset.dev/injected` becomes `appset.dev~1injected`.
+//! Two kinds of operation, each with its own type so that a route cannot emit the other's:
+//!
+//! * [`AddOp`], the only kind `/mutate-pods` emits: a list is either created whole when the pod
+//!   has none, or grown by `add` at an index (`/spec/initContainers/0`, which inserts and shifts)
+//!   or at the end (`/-`); the injection never replaces or removes.
+//! * [`ReplaceOp`], the only kind `/pin-config` emits ([`crate::pin`]): a string that exists
+//!   (a ConfigMap or Secret name) is replaced in place; no list changes length, so the pointers
+//!   of one patch never shift under each other.
+//!
+//! Map keys such as annotation names are escaped (`~` → `~0`, `/` → `~1`), so
+//! `appset.dev/injected` becomes `appset.dev~1injected`.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -30,6 +37,28 @@ impl AddOp {
     }
 }
 
+/// One `replace` operation: the value at `path` must exist, and is replaced by `value`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplaceOp {
+    /// Always `"replace"`.
+    pub op: &'static str,
+    /// The JSON Pointer of the value replaced.
+    pub path: String,
+    /// The new value.
+    pub value: Value,
+}
+
+impl ReplaceOp {
+    /// A `replace` of the value at the pointer made of `tokens` (each escaped here) by `value`.
+    pub fn new<S: AsRef<str>>(tokens: &[S], value: Value) -> Self {
+        Self {
+            op: "replace",
+            path: pointer(tokens),
+            value,
+        }
+    }
+}
+
 /// Escapes one reference token per RFC 6901: `~` becomes `~0`, then `/` becomes `~1`.
 pub fn escape_token(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
@@ -50,12 +79,7 @@ pub fn pointer<S: AsRef<str>>(tokens: &[S]) -> String {
 /// see; returns an error naming the pointer that does not resolve.
 pub fn apply(doc: &mut Value, ops: &[AddOp]) -> Result<(), String> {
     for op in ops {
-        let tokens: Vec<String> = op
-            .path
-            .split('/')
-            .skip(1)
-            .map(|t| t.replace("~1", "/").replace("~0", "~"))
-            .collect();
+        let tokens = unescape(&op.path);
         let Some((last, parents)) = tokens.split_last() else {
             *doc = op.value.clone();
             continue;
@@ -86,6 +110,33 @@ pub fn apply(doc: &mut Value, ops: &[AddOp]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Applies `ops` to `doc` with RFC 6902 `replace` semantics: the target (an object member or
+/// an array element) must exist. Used by tests to check what the API server will see; returns
+/// an error naming the pointer that does not resolve.
+pub fn apply_replace(doc: &mut Value, ops: &[ReplaceOp]) -> Result<(), String> {
+    for op in ops {
+        let mut target = &mut *doc;
+        for t in unescape(&op.path) {
+            target = match target {
+                Value::Object(m) => m.get_mut(&t),
+                Value::Array(a) => t.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+                _ => None,
+            }
+            .ok_or_else(|| format!("{}: no such value", op.path))?;
+        }
+        *target = op.value.clone();
+    }
+    Ok(())
+}
+
+/// The unescaped reference tokens of a pointer.
+fn unescape(path: &str) -> Vec<String> {
+    path.split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -124,5 +175,33 @@ mod tests {
         assert_eq!(apply(&mut doc, &ops), Ok(()));
         assert_eq!(doc, json!({"a": [1, 2, 3, 4], "m": {"k/~": "v"}}));
         assert!(apply(&mut doc, &[AddOp::new(&["nope", "-"], json!(1))]).is_err());
+    }
+
+    #[test]
+    fn replace_serializes_and_needs_an_existing_target() {
+        let op = ReplaceOp::new(&["spec", "volumes", "0", "configMap", "name"], json!("b"));
+        assert_eq!(
+            serde_json::to_value(&op).ok(),
+            Some(json!({"op": "replace", "path": "/spec/volumes/0/configMap/name", "value": "b"}))
+        );
+        let mut doc = json!({"spec": {"volumes": [{"configMap": {"name": "a"}}]}, "m": {"k/~": 1}});
+        assert_eq!(
+            apply_replace(&mut doc, &[op, ReplaceOp::new(&["m", "k/~"], json!(2))]),
+            Ok(())
+        );
+        assert_eq!(
+            doc,
+            json!({"spec": {"volumes": [{"configMap": {"name": "b"}}]}, "m": {"k/~": 2}})
+        );
+        let before = doc.clone();
+        assert!(
+            apply_replace(
+                &mut doc,
+                &[ReplaceOp::new(&["spec", "volumes", "1"], json!(1))]
+            )
+            .is_err()
+        );
+        assert!(apply_replace(&mut doc, &[ReplaceOp::new(&["m", "absent"], json!(1))]).is_err());
+        assert_eq!(doc, before);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! | route | answer |
 //! | --- | --- |
-//! | `POST /mutate-pods` | an AdmissionReview response (200); 400 for a body that is not one, 413 above the largest body, 408 when it does not arrive in time, 503 when the body budget is full ([`Limits`]); 403 when a client CA is configured and the connection presented no certificate of it |
+//! | `POST /mutate-pods` | an AdmissionReview response (200) injecting PodInjections; 400 for a body that is not one, 413 above the largest body, 408 when it does not arrive in time, 503 when the body budget is full ([`Limits`]); 403 when a client CA is configured and the connection presented no certificate of it |
+//! | `POST /pin-config` | an AdmissionReview response (200) pointing a pod's ConfigMap and Secret references at the snapshots of its `appset.dev/config-snapshots` annotation ([`crate::pin`]); never injects; a malformed annotation is denied (`allowed: false`, `status.code` 400); otherwise the same body limits, status codes and client-certificate rule as `/mutate-pods` |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 once the PodInjection (and namespace) watches have synced and a certificate is loaded; 503 before, and while draining |
 //! | `GET /metrics` | Prometheus text format |
@@ -225,7 +226,7 @@ fn answer(a: admin::Answer) -> Response<Full<Bytes>> {
 /// Answers one HTTP request.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/mutate-pods")
+        (&Method::POST, "/mutate-pods" | "/pin-config")
             if state.client_roots.is_some()
                 && req.extensions().get::<VerifiedClient>().is_none() =>
         {
@@ -237,6 +238,13 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
         }
         (&Method::POST, "/mutate-pods") => match read_body(&state, req).await {
             Ok(body) => review(&state, &body),
+            Err(refusal) => {
+                state.metrics.error("body", 0.0);
+                refusal
+            }
+        },
+        (&Method::POST, "/pin-config") => match read_body(&state, req).await {
+            Ok(body) => pin_review(&state, &body),
             Err(refusal) => {
                 state.metrics.error("body", 0.0);
                 refusal
@@ -350,12 +358,7 @@ pub fn review(state: &AppState, body: &[u8]) -> Response<Full<Bytes>> {
                 }
                 admission::Decision::Allow { .. } => {}
             }
-            let mut r = Response::new(Full::new(Bytes::from(bytes)));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            r
+            json_response(bytes)
         }
         Err(e) => {
             state
@@ -364,6 +367,49 @@ pub fn review(state: &AppState, body: &[u8]) -> Response<Full<Bytes>> {
             text(StatusCode::BAD_REQUEST, format!("{e}\n"))
         }
     }
+}
+
+/// Reviews one body for `/pin-config`: the AdmissionReview response, or 400. Reads nothing but
+/// the body; logs the outcome and the denial message (the annotation's keys and names), never
+/// the pod.
+pub fn pin_review(state: &AppState, body: &[u8]) -> Response<Full<Bytes>> {
+    let start = Instant::now();
+    match admission::respond_pin(body) {
+        Ok((decision, bytes)) => {
+            state
+                .metrics
+                .observe_pin(&decision, start.elapsed().as_secs_f64());
+            match &decision {
+                admission::PinDecision::Pin { ops, .. } => {
+                    debug!(references = ops.len(), "pod pinned to its config snapshots")
+                }
+                admission::PinDecision::Deny {
+                    message, dry_run, ..
+                } => debug!(%message, dry_run, "pod denied: malformed config snapshots"),
+                admission::PinDecision::Invalid { message, .. } => {
+                    warn!(%message, "unreadable object in an admission request")
+                }
+                admission::PinDecision::Allow { .. } => {}
+            }
+            json_response(bytes)
+        }
+        Err(e) => {
+            state
+                .metrics
+                .error("bad_request", start.elapsed().as_secs_f64());
+            text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
+    }
+}
+
+/// A 200 with a JSON body.
+fn json_response(bytes: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Errors starting the server.

@@ -523,3 +523,226 @@ async fn clients_holding_large_bodies_cannot_keep_a_small_review_waiting() {
     let _ = stop.send(());
     let _ = server.await;
 }
+
+/// A review of a Pod CREATE in `site` whose pod matches `injection()` and carries the
+/// config-snapshots annotation `annotation`.
+fn pin_review(uid: &str, operation: &str, annotation: &str) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "site", "operation": operation,
+                "object": {
+                    "metadata": {"name": "web-0", "labels": {"app": "web"},
+                                 "annotations": {appset_crds::keys::CONFIG_SNAPSHOTS: annotation}},
+                    "spec": {
+                        "containers": [{"name": "app", "image": "app:1",
+                                        "envFrom": [{"configMapRef": {"name": "app-config"}}],
+                                        "env": [{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]}],
+                        "volumes": [{"name": "cfg", "projected": {"sources": [{"configMap": {"name": "app-config"}}, {"secret": {"name": "tls"}}]}}]
+                    }
+                }
+            }
+        }))
+        .expect("json"),
+    )
+}
+
+const SNAPSHOTS: &str =
+    r#"{"configmap/app-config":"app-config-7f3a9c21e4","secret/db":"db-0b4e99d2aa"}"#;
+
+#[tokio::test]
+async fn pin_config_rewrites_references_to_snapshots_and_denies_a_malformed_annotation() {
+    let (probe, stop, server) = start(server::Limits {
+        drain: std::time::Duration::ZERO,
+        ..Default::default()
+    })
+    .await;
+    let mut conn = probe.connect().await.expect("connect");
+
+    // The pod matches a PodInjection, but /pin-config only pins: replace operations, no add.
+    let (status, body) = conn
+        .send(
+            Method::POST,
+            "/pin-config",
+            pin_review("p-1", "CREATE", SNAPSHOTS),
+        )
+        .await
+        .expect("review");
+    assert_eq!(status, StatusCode::OK);
+    let out: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(out["kind"], "AdmissionReview");
+    assert_eq!(out["response"]["uid"], "p-1");
+    assert_eq!(out["response"]["allowed"], true);
+    assert_eq!(out["response"]["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(out["response"]["patch"].as_str().expect("patch"))
+        .expect("base64");
+    let ops: Value = serde_json::from_slice(&patch).expect("ops");
+    assert_eq!(
+        ops,
+        json!([
+            {"op": "replace", "path": "/spec/containers/0/envFrom/0/configMapRef/name", "value": "app-config-7f3a9c21e4"},
+            {"op": "replace", "path": "/spec/containers/0/env/0/valueFrom/secretKeyRef/name", "value": "db-0b4e99d2aa"},
+            {"op": "replace", "path": "/spec/volumes/0/projected/sources/0/configMap/name", "value": "app-config-7f3a9c21e4"},
+        ])
+    );
+
+    // A malformed annotation: an AdmissionReview denial (HTTP 200) with code 400 and a message
+    // naming the annotation and the fault.
+    let (status, body) = conn
+        .send(
+            Method::POST,
+            "/pin-config",
+            pin_review("p-2", "CREATE", r#"{"configmap/app-config":"app_config"}"#),
+        )
+        .await
+        .expect("malformed");
+    assert_eq!(status, StatusCode::OK);
+    let out: Value = serde_json::from_slice(&body).expect("json");
+    let r = &out["response"];
+    assert_eq!(r["uid"], "p-2");
+    assert_eq!(r["allowed"], false);
+    assert_eq!(r["status"]["code"], 400);
+    assert!(r.get("patch").is_none());
+    assert_eq!(
+        r["status"]["message"],
+        "pod site/web-0: annotation appset.dev/config-snapshots is malformed: snapshot name \
+         \"app_config\" of \"configmap/app-config\" is not a valid DNS-1123 subdomain: only \
+         lowercase letters, digits, '-' and '.' are allowed"
+    );
+    let (_, body) = conn
+        .send(
+            Method::POST,
+            "/pin-config",
+            pin_review("p-3", "CREATE", "[1]"),
+        )
+        .await
+        .expect("not an object");
+    let out: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(out["response"]["allowed"], false);
+    assert!(
+        out["response"]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(
+                "appset.dev/config-snapshots is malformed: not a JSON object of strings"
+            )),
+        "{out}"
+    );
+
+    // Not a Pod CREATE: allowed without a patch, whatever the annotation.
+    let (status, body) = conn
+        .send(
+            Method::POST,
+            "/pin-config",
+            pin_review("p-4", "UPDATE", "garbage"),
+        )
+        .await
+        .expect("update");
+    assert_eq!(status, StatusCode::OK);
+    let out: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(out["response"]["allowed"], true);
+    assert!(out["response"].get("patch").is_none());
+
+    // Not an AdmissionReview: 400; above the largest body: 413, as on /mutate-pods.
+    let (status, _) = conn
+        .send(
+            Method::POST,
+            "/pin-config",
+            Bytes::from_static(b"{\"request\":"),
+        )
+        .await
+        .expect("bad body");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = conn
+        .send(
+            Method::POST,
+            "/pin-config",
+            Bytes::from(vec![b' '; server::Limits::default().max_body + 1]),
+        )
+        .await
+        .expect("large body");
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let mut conn = probe.connect().await.expect("reconnect");
+    let (_, body) = conn
+        .send(Method::GET, "/metrics", Bytes::new())
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&body);
+    for line in [
+        "appset_webhook_pinned_total 1",
+        "appset_webhook_pin_denials_total 2",
+        "appset_webhook_pin_skipped_total{reason=\"not_pod_create\"} 1",
+        "appset_webhook_injections_total 0",
+        "appset_webhook_errors_total{kind=\"bad_request\"} 1",
+        "appset_webhook_errors_total{kind=\"body\"} 1",
+        "appset_webhook_admission_duration_seconds_count{outcome=\"pinned\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    let _ = stop.send(());
+    let _ = server.await;
+}
+
+#[tokio::test]
+async fn with_a_client_ca_pin_config_needs_a_client_certificate() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let m =
+        material::create(&Policy::default(), time::OffsetDateTime::now_utc()).expect("material");
+    let resolver = Arc::new(CertResolver::new());
+    assert!(resolver.load_pem(&m.tls_cert, &m.tls_key).expect("load"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(m.bundle().as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let (store, _writer) = reflector::store::<PodInjection>();
+    let state = Arc::new(AppState {
+        injections: store,
+        namespaces: None,
+        resolver,
+        metrics: Metrics::new(),
+        readiness: Readiness::new(),
+        denials: None,
+        gate: quick_gate(),
+        client_roots: Some(Arc::new(roots)),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(listener, state, async move {
+        let _ = stop_rx.await;
+    }));
+    // The probe presents no client certificate.
+    let probe = Probe::new(addr, "127.0.0.1", &m.bundle()).expect("probe");
+    let mut conn = probe.connect().await.expect("connect");
+    for path in ["/pin-config", "/mutate-pods"] {
+        let (status, _) = conn
+            .send(Method::POST, path, pin_review("p-5", "CREATE", SNAPSHOTS))
+            .await
+            .expect("review");
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+    }
+    let (status, _) = conn
+        .send(Method::GET, "/healthz", Bytes::new())
+        .await
+        .expect("healthz");
+    assert_eq!(status, StatusCode::OK);
+    let (_, body) = conn
+        .send(Method::GET, "/metrics", Bytes::new())
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("appset_webhook_errors_total{kind=\"unauthenticated\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("appset_webhook_pinned_total 0"), "{text}");
+    let _ = stop_tx.send(());
+    let _ = server.await;
+}

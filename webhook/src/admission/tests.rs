@@ -177,9 +177,15 @@ fn unreadable_pod_is_denied_as_invalid() {
 /// echoes the uid and carries a decodable patch when it carries one.
 fn check_contract(body: &[u8]) -> Result<(), TestCaseError> {
     let lookup = |_: &str| vec![injection("site")];
-    match respond(body, lookup) {
+    check_answer(respond(body, lookup).map(|(_, out)| out), "add")?;
+    check_answer(respond_pin(body).map(|(_, out)| out), "replace")
+}
+
+/// A response (or a 400) of the expected shape, whose patch has only `op` operations.
+fn check_answer(answer: Result<Vec<u8>, BadRequest>, op: &str) -> Result<(), TestCaseError> {
+    match answer {
         Err(BadRequest(msg)) => prop_assert!(!msg.is_empty()),
-        Ok((_, out)) => {
+        Ok(out) => {
             let v: Value = serde_json::from_slice(&out)
                 .map_err(|e| TestCaseError::fail(format!("response not JSON: {e}")))?;
             prop_assert_eq!(&v["kind"], "AdmissionReview");
@@ -192,7 +198,7 @@ fn check_contract(body: &[u8]) -> Result<(), TestCaseError> {
                     .map_err(|e| TestCaseError::fail(format!("patch not base64: {e}")))?;
                 let ops: Vec<Value> = serde_json::from_slice(&raw)
                     .map_err(|e| TestCaseError::fail(format!("patch not JSON: {e}")))?;
-                prop_assert!(ops.iter().all(|o| o["op"] == "add"));
+                prop_assert!(ops.iter().all(|o| o["op"] == op));
             }
         }
     }
@@ -356,5 +362,132 @@ proptest! {
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(matches!(second, Decision::Allow { skip: Skip::NothingToDo, .. }), "{second:?}");
         }
+    }
+}
+
+// --- /pin-config ---
+
+fn pinned_pod(annotation: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "web-", "namespace": "site", "labels": {"app": "web"},
+                     "annotations": {keys::CONFIG_SNAPSHOTS: annotation}},
+        "spec": {
+            "containers": [{"name": "app", "image": "app:1", "envFrom": [{"configMapRef": {"name": "app-config"}}]}],
+            "volumes": [{"name": "db", "secret": {"secretName": "db"}}],
+        }
+    })
+}
+
+fn run_pin(body: &Value) -> (PinDecision, Value) {
+    let bytes = serde_json::to_vec(body).expect("body");
+    let (d, out) = respond_pin(&bytes).expect("a well-formed review");
+    (d, serde_json::from_slice(&out).expect("response is JSON"))
+}
+
+#[test]
+fn pin_answers_with_a_replace_patch_and_never_injects() {
+    let annotation =
+        r#"{"configmap/app-config":"app-config-7f3a9c21e4","secret/db":"db-0b4e99d2aa"}"#;
+    let (d, out) = run_pin(&review("site", pinned_pod(annotation)));
+    assert!(matches!(d, PinDecision::Pin { .. }), "{d:?}");
+    let r = &out["response"];
+    assert_eq!(r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(r["allowed"], true);
+    assert_eq!(r["patchType"], "JSONPatch");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(r["patch"].as_str().expect("patch is a string"))
+        .expect("base64");
+    let ops: Value = serde_json::from_slice(&raw).expect("patch is JSON");
+    assert_eq!(
+        ops,
+        json!([
+            {"op": "replace", "path": "/spec/containers/0/envFrom/0/configMapRef/name", "value": "app-config-7f3a9c21e4"},
+            {"op": "replace", "path": "/spec/volumes/0/secret/secretName", "value": "db-0b4e99d2aa"},
+        ])
+    );
+}
+
+#[test]
+fn pin_allows_unchanged_what_it_has_nothing_to_do_for() {
+    let (d, out) = run_pin(&review("site", nginx(json!({}))));
+    assert_eq!(
+        d,
+        PinDecision::Allow {
+            uid: "705ab4f5-6393-11e8-b7cc-42010a800002".into(),
+            skip: PinSkip::NoAnnotation
+        }
+    );
+    assert!(out["response"].get("patch").is_none());
+    let (d, _) = run_pin(&review(
+        "site",
+        pinned_pod(r#"{"configmap/other":"other-1"}"#),
+    ));
+    assert!(
+        matches!(
+            d,
+            PinDecision::Allow {
+                skip: PinSkip::NothingToDo,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+    let mut update = review("site", pinned_pod("garbage"));
+    update["request"]["operation"] = json!("UPDATE");
+    let (d, out) = run_pin(&update);
+    assert!(
+        matches!(
+            d,
+            PinDecision::Allow {
+                skip: PinSkip::NotPodCreate,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+    assert_eq!(out["response"]["allowed"], true);
+}
+
+#[test]
+fn pin_denies_a_malformed_annotation_with_400_dry_run_or_not() {
+    for dry_run in [false, true] {
+        let mut body = review(
+            "site",
+            pinned_pod(r#"{"configmap/app-config":"Not_A_Name"}"#),
+        );
+        body["request"]["dryRun"] = json!(dry_run);
+        let (d, out) = run_pin(&body);
+        assert!(
+            matches!(d, PinDecision::Deny { dry_run: dr, .. } if dr == dry_run),
+            "{d:?}"
+        );
+        let r = &out["response"];
+        assert_eq!(r["allowed"], false);
+        assert_eq!(r["status"]["code"], 400);
+        let message = r["status"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("pod site/web-*: annotation appset.dev/config-snapshots is malformed: snapshot name \"Not_A_Name\""),
+            "{message}"
+        );
+        assert!(r.get("patch").is_none());
+    }
+    let (d, _) = run_pin(&review("site", json!({"spec": {"containers": 5}})));
+    assert!(matches!(d, PinDecision::Invalid { .. }), "{d:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_snapshot_annotations_never_panic(
+        annotation in prop_oneof![
+            "[ -~]{0,40}",
+            arb_json().prop_map(|v| v.to_string()),
+        ],
+    ) {
+        let body = serde_json::to_vec(&review("site", pinned_pod(&annotation)))
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        check_contract(&body)?;
     }
 }
