@@ -443,7 +443,7 @@ impl TlsManager {
     }
 
     /// Runs until `shutdown` completes: a pass on start, on every change of the Secret or the
-    /// configuration, every `check_interval`, and [`RETRY`] after a failed pass.
+    /// configuration, every `check_interval`, and one second after a failed pass.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let by_name = |n: &str| watcher::Config::default().fields(&format!("metadata.name={n}"));
         let mut secret_changes =
