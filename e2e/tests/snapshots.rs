@@ -466,3 +466,169 @@ async fn a_secret_snapshot_is_immutable_of_the_same_type_and_its_value_stays_ins
     ns.cleanup().await;
     Ok(())
 }
+
+/// The copy each live pod of `app` reads, by its `controller-revision-hash`.
+async fn stateful_pods(ns: &TestNamespace, app: &str) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let list = ListParams::default().labels(&format!("app={app}"));
+    for pod in ns.api::<Pod>().list(&list).await? {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let rev = pod
+            .labels()
+            .get("controller-revision-hash")
+            .cloned()
+            .unwrap_or_default();
+        out.entry(rev).or_default().push(config_read(&pod)?);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn a_statefulset_in_snapshot_mode_pins_each_revision_and_rolls_back_with_its_config()
+-> Result<()> {
+    use k8s_openapi::api::apps::v1::{ControllerRevision, StatefulSet};
+    let ns = TestNamespace::new("snap-sts").await?;
+    let (rollout, webhook) = start(&ns).await?;
+    let result = async {
+        let cms = ns.api::<ConfigMap>();
+        let sets = ns.api::<StatefulSet>();
+        create(&cms, config_map("app-config", json!({"greeting": "v1"}))).await?;
+        let mut manifest = web(2);
+        manifest["kind"] = json!("StatefulSet");
+        manifest["metadata"]["name"] = json!("db");
+        let spec = manifest["spec"].as_object_mut().context("spec")?;
+        spec.remove("strategy");
+        spec.remove("minReadySeconds");
+        spec.insert("replicas".into(), json!(3));
+        spec.insert("serviceName".into(), json!("db"));
+        spec.insert("selector".into(), json!({"matchLabels": {"app": "db"}}));
+        spec.insert("podManagementPolicy".into(), json!("Parallel"));
+        manifest["spec"]["template"]["metadata"]["labels"] = json!({"app": "db"});
+        create(&sets, manifest).await?;
+        let pin_of = |s: &StatefulSet| {
+            pins(
+                s.spec
+                    .template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.annotations.as_ref()),
+            )
+            .and_then(|p| p.get("configmap/app-config").cloned())
+        };
+        let settled = |copy: String| {
+            let ns = &ns;
+            async move {
+                wait_for(&format!("3 pods reading {copy}"), DEADLINE, || async {
+                    let by = stateful_pods(ns, "db").await?;
+                    let all: Vec<&String> = by.values().flatten().collect();
+                    Ok(if all.len() == 3 && all.iter().all(|c| **c == copy) {
+                        Ok(())
+                    } else {
+                        Err(format!("{by:?}"))
+                    })
+                })
+                .await
+            }
+        };
+        let a = wait_for("the StatefulSet to be pinned", DEADLINE, || async {
+            Ok(pin_of(&sets.get("db").await?).ok_or_else(|| "no pin".to_string()))
+        })
+        .await?;
+        settled(a.clone()).await?;
+        merge_patch(&cms, "app-config", json!({"data": {"greeting": "v2"}})).await?;
+        let b = wait_for("a new pin", DEADLINE, || async {
+            Ok(match pin_of(&sets.get("db").await?) {
+                Some(p) if p != a => Ok(p),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .await?;
+        // Every look during the update: a pod reads the copy of its own revision.
+        let revisions = ns.api::<ControllerRevision>();
+        let start = std::time::Instant::now();
+        loop {
+            ensure!(start.elapsed() < DEADLINE, "the update did not finish");
+            let by = stateful_pods(&ns, "db").await?;
+            for (rev, copies) in &by {
+                let cr = revisions
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .find(|c| c.name_any().ends_with(rev.as_str()))
+                    .with_context(|| format!("the ControllerRevision of {rev}"))?;
+                let want = appset_operator::config::snapshot::revision_pins(&cr)
+                    .and_then(|p| serde_json::from_str::<BTreeMap<String, String>>(&p).ok())
+                    .and_then(|p| p.get("configmap/app-config").cloned())
+                    .unwrap_or_else(|| "app-config".into());
+                for c in copies {
+                    ensure!(*c == want, "a pod of revision {rev} reads {c}, not {want}");
+                }
+            }
+            let all: Vec<&String> = by.values().flatten().collect();
+            if all.len() == 3 && all.iter().all(|c| **c == b) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Each copy is owned by the ControllerRevision that names it.
+        for copy in [&a, &b] {
+            let cm = copy_data(&ns, copy).await?;
+            let owners = cm.owner_references();
+            ensure!(
+                !owners.is_empty() && owners.iter().all(|o| o.kind == "ControllerRevision"),
+                "snapshot {copy} is owned by {owners:?}"
+            );
+        }
+        // Rollback by re-applying the old template: the pods read A, still holding v1.
+        let old = revisions
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|c| {
+                appset_operator::config::snapshot::revision_pins(c).is_some_and(|p| p.contains(&a))
+            })
+            .context("the revision of A")?;
+        let template = old
+            .data
+            .0
+            .pointer("/spec/template")
+            .cloned()
+            .context("template")?;
+        let mut template = template;
+        if let Some(t) = template.as_object_mut() {
+            t.remove("$patch");
+        }
+        sets.patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": template}})),
+        )
+        .await?;
+        settled(a.clone()).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        ensure!(
+            pin_of(&sets.get("db").await?).as_deref() == Some(a.as_str()),
+            "the operator moved the rolled-back StatefulSet off A"
+        );
+        ensure!(
+            copy_data(&ns, &a)
+                .await?
+                .data
+                .and_then(|d| d.get("greeting").cloned())
+                .as_deref()
+                == Some("v1"),
+            "snapshot A no longer holds v1"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rollout.stop().await?;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}

@@ -356,7 +356,11 @@ async fn adopt_snapshots<K: Workload>(
     wref: &WorkloadRef,
 ) -> Result<(), Error> {
     let uid = obj.meta().uid.clone().unwrap_or_default();
-    let adoption = snapshot::adopt(&ctx.client, &wref.namespace, &uid)
+    let revisions = match K::KIND {
+        WorkloadKind::Deployment => snapshot::Revisions::ReplicaSets,
+        _ => snapshot::Revisions::ControllerRevisions,
+    };
+    let adoption = snapshot::adopt(&ctx.client, &wref.namespace, &uid, revisions)
         .await
         .map_err(|source| Error::Snapshot {
             namespace: wref.namespace.clone(),
@@ -447,11 +451,6 @@ async fn snapshot_mode<K: Workload>(obj: &K, ctx: &Context) -> bool {
     }
     let refused = if !ctx.settings.snapshots {
         Some("config snapshots are not enabled in this operator (--config-snapshots, chart value configRollout.snapshots)".to_string())
-    } else if K::KIND != WorkloadKind::Deployment {
-        Some(format!(
-            "config snapshots are supported for Deployments only so far, not for a {}",
-            K::KIND.as_str()
-        ))
     } else {
         None
     };

@@ -15,13 +15,16 @@
 //!    spec is never rewritten; the injection webhook rewrites each new pod's references to the
 //!    copies its annotation names, so the pods of every revision keep reading the config they
 //!    were rolled out with, and a rollback brings the old annotation back with the old config.
-//! 3. **Retain.** Every ReplicaSet whose template names a copy becomes one of its owners, and
-//!    the workload's ownership is dropped once a ReplicaSet holds it: the garbage collector
-//!    deletes a copy when the last ReplicaSet that uses it is pruned by `revisionHistoryLimit`.
-//!    A pod exists only while its ReplicaSet does, so no copy a live pod reads is deleted.
+//! 3. **Retain.** Every revision whose template names a copy (a Deployment's ReplicaSets, a
+//!    StatefulSet's or DaemonSet's ControllerRevisions) becomes one of its owners, and the
+//!    workload's ownership is dropped once a revision holds it: the garbage collector deletes a
+//!    copy when the last revision that uses it is pruned by `revisionHistoryLimit`. A
+//!    Deployment's pod exists only while its ReplicaSet does, and a StatefulSet or DaemonSet
+//!    keeps the ControllerRevision of every pod it runs, so no copy a live pod reads is
+//!    deleted.
 //!
-//! So far only Deployments retain copies through their revisions (ReplicaSets); for
-//! StatefulSets, DaemonSets and AppSets the mode is refused with a Warning Event.
+//! AppSets are not covered yet (their controller would pin the references itself); the mode is
+//! refused for them with a Warning Event.
 //!
 //! [`desired`], [`annotation`], [`name_for`] and the copy builders are pure; [`ensure`] and
 //! [`adopt`] do the I/O.
@@ -30,11 +33,11 @@ use std::collections::BTreeMap;
 
 use appset_crds::keys;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{ControllerRevision, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ListParams, ObjectMeta, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 
 use crate::confighash::discovery::{SourceKind, SourceName};
 use crate::confighash::hash::Source;
@@ -221,14 +224,87 @@ pub struct Adoption {
     pub missing: Vec<String>,
 }
 
-fn owner_of(rs: &ReplicaSet) -> Option<OwnerReference> {
+/// Where a workload keeps its revisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revisions {
+    /// A Deployment's ReplicaSets.
+    ReplicaSets,
+    /// A StatefulSet's or DaemonSet's ControllerRevisions.
+    ControllerRevisions,
+}
+
+fn owner_of(kind: &str, meta: &ObjectMeta) -> Option<OwnerReference> {
     Some(OwnerReference {
         api_version: "apps/v1".into(),
-        kind: "ReplicaSet".into(),
-        name: rs.metadata.name.clone()?,
-        uid: rs.metadata.uid.clone()?,
+        kind: kind.into(),
+        name: meta.name.clone()?,
+        uid: meta.uid.clone()?,
         ..Default::default()
     })
+}
+
+/// The pins of a ControllerRevision: its `data` holds the template as a patch,
+/// `{"spec": {"template": {...}}}`.
+pub fn revision_pins(cr: &ControllerRevision) -> Option<String> {
+    cr.data
+        .0
+        .pointer(&format!(
+            "/spec/template/metadata/annotations/{}",
+            keys::CONFIG_SNAPSHOTS.replace('~', "~0").replace('/', "~1")
+        ))?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Every revision of the workload `workload_uid` with the pins its template carries.
+async fn revisions(
+    client: &Client,
+    namespace: &str,
+    workload_uid: &str,
+    kind: Revisions,
+) -> Result<Vec<(OwnerReference, String)>, kube::Error> {
+    let owned = |meta: &ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == workload_uid)
+    };
+    let mut out = Vec::new();
+    match kind {
+        Revisions::ReplicaSets => {
+            let api: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+            for rs in api.list(&ListParams::default()).await? {
+                let pins = rs
+                    .spec
+                    .template
+                    .as_ref()
+                    .and_then(|t| t.metadata.as_ref())
+                    .and_then(|m| m.annotations.as_ref())
+                    .and_then(|a| a.get(keys::CONFIG_SNAPSHOTS))
+                    .cloned();
+                if let (true, Some(pins), Some(owner)) = (
+                    owned(&rs.metadata),
+                    pins,
+                    owner_of("ReplicaSet", &rs.metadata),
+                ) {
+                    out.push((owner, pins));
+                }
+            }
+        }
+        Revisions::ControllerRevisions => {
+            let api: Api<ControllerRevision> = Api::namespaced(client.clone(), namespace);
+            for cr in api.list(&ListParams::default()).await? {
+                if let (true, Some(pins), Some(owner)) = (
+                    owned(&cr.metadata),
+                    revision_pins(&cr),
+                    owner_of("ControllerRevision", &cr.metadata),
+                ) {
+                    out.push((owner, pins));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The owners a copy should have: the ReplicaSets naming it, and the workload only while none
@@ -252,28 +328,17 @@ pub fn owners_wanted(
     (!same).then_some(out)
 }
 
-/// Gives every copy named by a ReplicaSet of the workload (`workload_uid`) that ReplicaSet as
-/// an owner, and drops the workload's ownership of copies a ReplicaSet holds.
+/// Gives every copy named by a revision of the workload (`workload_uid`) that revision as an
+/// owner, and drops the workload's ownership of copies a revision holds.
 pub async fn adopt(
     client: &Client,
     namespace: &str,
     workload_uid: &str,
+    kind: Revisions,
 ) -> Result<Adoption, kube::Error> {
-    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
     let mut by_copy: BTreeMap<(SourceKind, String), Vec<OwnerReference>> = BTreeMap::new();
-    for rs in rss.list(&ListParams::default()).await? {
-        let owned = rs.owner_references().iter().any(|o| o.uid == workload_uid);
-        let pins = rs
-            .spec
-            .template
-            .as_ref()
-            .and_then(|t| t.metadata.as_ref())
-            .and_then(|m| m.annotations.as_ref())
-            .and_then(|a| a.get(keys::CONFIG_SNAPSHOTS));
-        let (true, Some(pins), Some(owner)) = (owned, pins, owner_of(&rs)) else {
-            continue;
-        };
-        for copy in copies_named(pins) {
+    for (owner, pins) in revisions(client, namespace, workload_uid, kind).await? {
+        for copy in copies_named(&pins) {
             by_copy.entry(copy).or_default().push(owner.clone());
         }
     }
@@ -381,6 +446,27 @@ mod tests {
         assert_eq!(copy.immutable, Some(true));
         assert_eq!(copy.type_.as_deref(), Some("kubernetes.io/basic-auth"));
         assert!(config_map_copy(&present, "x", &owner("w")).is_none());
+    }
+
+    #[test]
+    fn a_controller_revision_names_its_pins() {
+        let cr: ControllerRevision = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db-5d8c7"},
+            "revision": 2,
+            "data": {"spec": {"template": {"$patch": "replace", "metadata": {"annotations": {
+                keys::CONFIG_SNAPSHOTS: "{\"configmap/app\":\"app-0123456789\"}"
+            }}}}}
+        }))
+        .expect("a ControllerRevision");
+        let pins = revision_pins(&cr).expect("pins");
+        assert_eq!(
+            copies_named(&pins),
+            vec![(SourceKind::ConfigMap, "app-0123456789".to_string())]
+        );
+        let bare: ControllerRevision =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}, "revision": 1}))
+                .expect("a ControllerRevision");
+        assert_eq!(revision_pins(&bare), None);
     }
 
     proptest! {
