@@ -632,3 +632,103 @@ async fn a_statefulset_in_snapshot_mode_pins_each_revision_and_rolls_back_with_i
     ns.cleanup().await;
     Ok(())
 }
+
+/// The ReplicaSets of `web`, newest last by revision.
+async fn web_replica_sets(ns: &TestNamespace) -> Result<Vec<ReplicaSet>> {
+    let mut list: Vec<ReplicaSet> = ns
+        .api::<ReplicaSet>()
+        .list(&ListParams::default().labels("app=web"))
+        .await?
+        .items;
+    list.sort_by_key(|rs| {
+        rs.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(0)
+    });
+    Ok(list)
+}
+
+#[tokio::test]
+async fn switching_snapshot_mode_on_and_off_rolls_once_each_and_a_deleted_snapshot_comes_back()
+-> Result<()> {
+    let ns = TestNamespace::new("snap-switch").await?;
+    let (rollout, webhook) = start(&ns).await?;
+    let result = async {
+        let cms = ns.api::<ConfigMap>();
+        let deploys = ns.api::<Deployment>();
+        create(&cms, config_map("app-config", json!({"greeting": "v1"}))).await?;
+        let mut manifest = web(5);
+        manifest["metadata"]["annotations"] = json!({keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_AUTO});
+        create(&deploys, manifest).await?;
+        wait_settled(&ns, "app-config").await?;
+        let quiet = Duration::from_secs(6);
+        tokio::time::sleep(quiet).await;
+        let before = web_replica_sets(&ns).await?.len();
+
+        // On: one rollout, onto the copy of the unchanged data.
+        merge_patch(
+            &deploys,
+            "web",
+            json!({"metadata": {"annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}}}),
+        )
+        .await?;
+        let a = wait_pin(&deploys, None).await?;
+        wait_settled(&ns, &a).await?;
+        tokio::time::sleep(quiet).await;
+        let on = web_replica_sets(&ns).await?.len();
+        ensure!(on == before + 1, "switching on made {} ReplicaSets", on - before);
+
+        // The current copy deleted by hand: recreated with the same name and data, no rollout.
+        cms.delete(&a, &DeleteParams::default()).await?;
+        // Any change of the Deployment's status or a resync brings a reconcile; nudge one.
+        merge_patch(&deploys, "web", json!({"metadata": {"labels": {"nudge": "1"}}})).await?;
+        let back = wait_for("the deleted snapshot to come back", DEADLINE, || async {
+            Ok(match cms.get_opt(&a).await? {
+                Some(cm) => Ok(cm),
+                None => Err("absent".to_string()),
+            })
+        })
+        .await?;
+        ensure!(
+            back.data.as_ref().and_then(|d| d.get("greeting")).map(String::as_str) == Some("v1"),
+            "the recreated snapshot holds {:?}",
+            back.data
+        );
+        ensure!(back.immutable == Some(true), "the recreated snapshot is not immutable");
+        ensure!(
+            web_replica_sets(&ns).await?.len() == on,
+            "recreating the snapshot rolled the Deployment"
+        );
+
+        // Off: one rollout back to reading the ConfigMap itself.
+        merge_patch(
+            &deploys,
+            "web",
+            json!({"metadata": {"annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_AUTO}}}),
+        )
+        .await?;
+        wait_settled(&ns, "app-config").await?;
+        tokio::time::sleep(quiet).await;
+        let off = web_replica_sets(&ns).await?.len();
+        ensure!(off == on + 1, "switching off made {} ReplicaSets", off - on);
+        let template_pins = pins(
+            deploys
+                .get("web")
+                .await?
+                .spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref()),
+        );
+        ensure!(template_pins.is_none(), "the pins stayed: {template_pins:?}");
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rollout.stop().await?;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
