@@ -13,9 +13,15 @@ use appset_e2e::process::{
     Process, binary, free_port, run, run_ok, scratch_dir, service_account_kubeconfig,
 };
 use appset_e2e::{TestNamespace, repo_root, wait_for};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, RuleWithOperations, ServiceReference, ValidatingAdmissionPolicy,
+};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -68,7 +74,34 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
         )?;
         assert!(out.contains("deployment.apps/dry-appset-operator"), "{out}");
         assert!(out.contains("mutatingwebhookconfiguration"), "{out}");
+        for kind in [
+            "validatingadmissionpolicy",
+            "validatingadmissionpolicybinding",
+        ] {
+            let object = format!("{kind}.admissionregistration.k8s.io/dry-appset-webhook-guard");
+            assert!(out.contains(&object), "{out}");
+        }
     }
+    // Without the guard the rest renders as before.
+    let unguarded = run_ok(
+        "helm",
+        &[
+            "template",
+            "dry",
+            &*chart,
+            "-n",
+            "appset-system",
+            "--kube-version",
+            "1.37.2",
+            "--set",
+            "webhook.guardConfiguration=false",
+        ],
+    )?;
+    assert!(unguarded.contains("kind: MutatingWebhookConfiguration"));
+    assert!(
+        !unguarded.contains("ValidatingAdmissionPolicy"),
+        "{unguarded}"
+    );
     Ok(())
 }
 
@@ -78,6 +111,10 @@ fn invalid_values_fail_the_install_with_a_clear_message() -> Result<()> {
         ("operator.replicas=-1", "/operator/replicas"),
         ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
         ("webhook.timeoutSeconds=90", "/webhook/timeoutSeconds"),
+        (
+            "webhook.guardConfiguration=maybe",
+            "/webhook/guardConfiguration",
+        ),
         ("operator.coalesceWindow=soon", "/operator/coalesceWindow"),
     ];
     for (set, field) in cases {
@@ -297,7 +334,8 @@ async fn chart_rbac_is_sufficient_and_minimal_and_uninstall_is_clean() -> Result
             .with_context(|| format!("claim {name}"))?;
     }
 
-    // Injection works with the webhook's account: it wrote its CA into the chart's configuration.
+    // Injection works with the webhook's account: it wrote its CA into the chart's configuration
+    // (past the chart's guard, which lets that account change nothing else there).
     let pis: kube::Api<appset_crds::PodInjection> = workloads.api();
     pis.create(
         &PostParams::default(),
@@ -414,6 +452,8 @@ async fn chart_rbac_is_sufficient_and_minimal_and_uninstall_is_clean() -> Result
         "clusterroles",
         "clusterrolebindings",
         "mutatingwebhookconfigurations",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicybindings",
     ] {
         let left = run_ok("kubectl", &["get", kind, "-l", &selector, "-o", "name"])?;
         assert!(
@@ -448,6 +488,349 @@ async fn chart_rbac_is_sufficient_and_minimal_and_uninstall_is_clean() -> Result
     )?;
     release_ns.cleanup().await;
     workloads.cleanup().await;
+    Ok(())
+}
+
+/// The annotation in which the webhook records which revision of its CA material `caBundle` holds.
+const CA_BUNDLE_REVISION: &str = "appset.dev/ca-bundle-revision";
+
+/// Reads the configuration, changes it with `change` and writes it back (a PUT, as the webhook does).
+async fn update_configuration(
+    api: &Api<MutatingWebhookConfiguration>,
+    name: &str,
+    change: impl FnOnce(&mut MutatingWebhookConfiguration),
+) -> kube::Result<MutatingWebhookConfiguration> {
+    let mut cfg = api.get(name).await?;
+    change(&mut cfg);
+    api.replace(name, &PostParams::default(), &cfg).await
+}
+
+/// `Ok` when `result` is the chart's guard denying the request with a message containing
+/// `message`; otherwise what happened instead.
+fn denied_by_guard<T>(
+    result: kube::Result<T>,
+    policy: &str,
+    message: &str,
+) -> std::result::Result<(), String> {
+    match result {
+        Ok(_) => Err("the change was accepted".to_string()),
+        Err(kube::Error::Api(s))
+            if s.code == 403
+                && s.reason == "Forbidden"
+                && s.message
+                    .contains(&format!("ValidatingAdmissionPolicy '{policy}'"))
+                && s.message.contains(message) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("denied otherwise: {e}")),
+    }
+}
+
+/// The chart's ValidatingAdmissionPolicy: acting as the webhook's ServiceAccount (impersonated by
+/// the admin), only `clientConfig.caBundle` and the CA revision annotation of the webhook's own
+/// MutatingWebhookConfiguration can change; every other change is denied with the policy's
+/// message, and an admin is not bound by it.
+#[tokio::test]
+async fn chart_guard_lets_the_webhook_account_change_only_the_ca_bundle() -> Result<()> {
+    let release_ns = TestNamespace::new("chart-guard").await?;
+    let release = release_name(&release_ns.name);
+    // Nothing listens on the URL and failures are ignored, so other tests' pods are not held up
+    // while this configuration exists; the admin's change below makes it match no request at all.
+    let url = format!("https://127.0.0.1:{}/mutate-pods", free_port()?);
+    run_ok(
+        "helm",
+        &[
+            "install",
+            &release,
+            &chart(),
+            "-n",
+            &release_ns.name,
+            "--set",
+            "operator.enabled=false",
+            "--set",
+            "webhook.enabled=false",
+            "--set",
+            &format!("webhook.url={url}"),
+            "--set",
+            "webhook.failurePolicy=Ignore",
+        ],
+    )?;
+    let name = format!("{release}-appset-webhook");
+    let policy = format!("{name}-guard");
+    let mut config = kube::Config::infer()
+        .await
+        .context("a client config from KUBECONFIG")?;
+    config.auth_info.impersonate =
+        Some(format!("system:serviceaccount:{}:{name}", release_ns.name));
+    let as_webhook: Api<MutatingWebhookConfiguration> = Api::all(kube::Client::try_from(config)?);
+    let as_admin: Api<MutatingWebhookConfiguration> = Api::all(release_ns.client.clone());
+
+    // Every expression compiles against the real types, without a warning.
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(release_ns.client.clone());
+    let warnings = wait_for(
+        "the policy's type check",
+        Duration::from_secs(30),
+        || async {
+            let checked = policies
+                .get(&policy)
+                .await?
+                .status
+                .and_then(|s| s.type_checking);
+            Ok(match checked {
+                Some(t) => Ok(t.expression_warnings.unwrap_or_default()),
+                None => Err("no status.typeChecking yet".to_string()),
+            })
+        },
+    )
+    .await?;
+    assert!(warnings.is_empty(), "type check warnings: {warnings:?}");
+
+    // The API server loads the policy and its binding through informers: probe with a forbidden
+    // change until it is denied. A probe accepted before then only changes a label's value, and
+    // every probe sets a new value so that each one is a change.
+    let mut probes = 0u32;
+    wait_for(
+        "the guard to deny the webhook's account a label",
+        Duration::from_secs(20),
+        || {
+            probes += 1;
+            let (api, name, policy, value) = (&as_webhook, &name, &policy, probes.to_string());
+            async move {
+                let result = update_configuration(api, name, |c| {
+                    c.metadata
+                        .labels
+                        .get_or_insert_default()
+                        .insert("appset.dev/e2e-probe".to_string(), value);
+                })
+                .await;
+                Ok(denied_by_guard(result, policy, "may not change the labels"))
+            }
+        },
+    )
+    .await?;
+    eprintln!("the guard denied probe {probes}");
+
+    // The guard binds only the webhook's account: the admin may change the rules (here to a
+    // resource that does not exist, so the configuration matches nothing from now on).
+    let changed = update_configuration(&as_admin, &name, |c| {
+        for w in c.webhooks.iter_mut().flatten() {
+            w.rules = Some(vec![RuleWithOperations {
+                operations: Some(vec!["CREATE".to_string()]),
+                api_groups: Some(vec!["appset.dev".to_string()]),
+                api_versions: Some(vec!["v1alpha1".to_string()]),
+                resources: Some(vec!["e2e-nothing".to_string()]),
+                scope: Some("Namespaced".to_string()),
+            }]);
+        }
+    })
+    .await
+    .context("the admin changing the rules")?;
+    let resources: Vec<String> = changed
+        .webhooks
+        .iter()
+        .flatten()
+        .flat_map(|w| w.rules.iter().flatten())
+        .flat_map(|r| r.resources.iter().flatten().cloned())
+        .collect();
+    assert_eq!(resources, ["e2e-nothing"]);
+
+    // Allowed: a new caBundle in every entry with the revision it reflects, twice.
+    let mut last_version = None;
+    for revision in ["1", "2"] {
+        let ca = rcgen::generate_simple_self_signed(vec![format!("rev{revision}.guard.test")])?;
+        let bundle = ByteString(ca.cert.pem().into_bytes());
+        let written = update_configuration(&as_webhook, &name, |c| {
+            for w in c.webhooks.iter_mut().flatten() {
+                w.client_config.ca_bundle = Some(bundle.clone());
+            }
+            c.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(CA_BUNDLE_REVISION.to_string(), revision.to_string());
+        })
+        .await
+        .with_context(|| format!("the webhook's account writing revision {revision}"))?;
+        let hooks = written.webhooks.unwrap_or_default();
+        assert!(!hooks.is_empty());
+        for w in &hooks {
+            assert_eq!(
+                w.client_config.ca_bundle.as_ref(),
+                Some(&bundle),
+                "{}",
+                w.name
+            );
+        }
+        let annotations = written.metadata.annotations.unwrap_or_default();
+        assert_eq!(
+            annotations.get(CA_BUNDLE_REVISION).map(String::as_str),
+            Some(revision)
+        );
+        last_version = written.metadata.resource_version;
+    }
+
+    // Denied, each with the message of the validation it breaks.
+    type Change = fn(&mut MutatingWebhookConfiguration);
+    let not_client_config = "not clientConfig.url or clientConfig.service";
+    let cases: [(&str, Change, &str); 12] = [
+        (
+            "an operation added to the rules",
+            |c| {
+                for r in c
+                    .webhooks
+                    .iter_mut()
+                    .flatten()
+                    .flat_map(|w| w.rules.iter_mut().flatten())
+                {
+                    r.operations
+                        .get_or_insert_default()
+                        .push("UPDATE".to_string());
+                }
+            },
+            "not rules",
+        ),
+        (
+            "a namespaceSelector that selects every namespace",
+            |c| {
+                for w in c.webhooks.iter_mut().flatten() {
+                    w.namespace_selector = Some(LabelSelector::default());
+                }
+            },
+            "not namespaceSelector",
+        ),
+        (
+            "another objectSelector",
+            |c| {
+                for w in c.webhooks.iter_mut().flatten() {
+                    w.object_selector = Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            "app".to_string(),
+                            "other".to_string(),
+                        )])),
+                        ..Default::default()
+                    });
+                }
+            },
+            "not objectSelector",
+        ),
+        (
+            "another clientConfig.url",
+            |c| {
+                for w in c.webhooks.iter_mut().flatten() {
+                    w.client_config.url = Some("https://127.0.0.1:1/elsewhere".to_string());
+                }
+            },
+            not_client_config,
+        ),
+        (
+            "a clientConfig.service instead of the url",
+            |c| {
+                for w in c.webhooks.iter_mut().flatten() {
+                    w.client_config.url = None;
+                    w.client_config.service = Some(ServiceReference {
+                        name: "elsewhere".to_string(),
+                        namespace: "default".to_string(),
+                        path: Some("/mutate-pods".to_string()),
+                        port: Some(443),
+                    });
+                }
+            },
+            not_client_config,
+        ),
+        (
+            "failurePolicy Fail",
+            |c| {
+                for w in c.webhooks.iter_mut().flatten() {
+                    w.failure_policy = Some("Fail".to_string());
+                }
+            },
+            "not failurePolicy",
+        ),
+        (
+            "a second webhook entry",
+            |c| {
+                let first = c.webhooks.iter().flatten().next().cloned();
+                if let Some(mut extra) = first {
+                    extra.name = "second.injection.appset.dev".to_string();
+                    c.webhooks.get_or_insert_default().push(extra);
+                }
+            },
+            "may not add or remove webhook entries",
+        ),
+        (
+            "a new caBundle together with timeoutSeconds 30",
+            |c| {
+                for w in c.webhooks.iter_mut().flatten() {
+                    w.client_config.ca_bundle = Some(ByteString(b"not a CA".to_vec()));
+                    w.timeout_seconds = Some(30);
+                }
+            },
+            "not timeoutSeconds",
+        ),
+        (
+            "an owner reference (to a missing owner: the garbage collector would delete it)",
+            |c| {
+                c.metadata
+                    .owner_references
+                    .get_or_insert_default()
+                    .push(OwnerReference {
+                        api_version: "v1".to_string(),
+                        kind: "Namespace".to_string(),
+                        name: "gone".to_string(),
+                        uid: "00000000-0000-0000-0000-000000000000".to_string(),
+                        ..Default::default()
+                    });
+            },
+            "may not change the ownerReferences or finalizers",
+        ),
+        (
+            "a finalizer",
+            |c| {
+                c.metadata
+                    .finalizers
+                    .get_or_insert_default()
+                    .push("appset.dev/e2e".to_string());
+            },
+            "may not change the ownerReferences or finalizers",
+        ),
+        (
+            "a label",
+            |c| {
+                c.metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert("team".to_string(), "x".to_string());
+            },
+            "may not change the labels",
+        ),
+        (
+            "an annotation other than the CA revision",
+            |c| {
+                c.metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert("appset.dev/other".to_string(), "x".to_string());
+            },
+            "may change no annotation",
+        ),
+    ];
+    for (what, change, message) in cases {
+        let result = update_configuration(&as_webhook, &name, change).await;
+        if let Err(seen) = denied_by_guard(result, &policy, message) {
+            panic!("{what}: expected the guard's denial naming {message:?}; {seen}");
+        }
+    }
+    let unchanged = as_admin.get(&name).await?;
+    assert_eq!(
+        unchanged.metadata.resource_version, last_version,
+        "a denied change was stored"
+    );
+
+    run_ok(
+        "helm",
+        &["uninstall", &release, "-n", &release_ns.name, "--wait"],
+    )?;
+    release_ns.cleanup().await;
     Ok(())
 }
 
