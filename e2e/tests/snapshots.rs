@@ -680,9 +680,8 @@ async fn switching_snapshot_mode_on_and_off_rolls_once_each_and_a_deleted_snapsh
         ensure!(on == before + 1, "switching on made {} ReplicaSets", on - before);
 
         // The current copy deleted by hand: recreated with the same name and data, no rollout.
+        // The deletion itself counts as a change of the source it copies.
         cms.delete(&a, &DeleteParams::default()).await?;
-        // Any change of the Deployment's status or a resync brings a reconcile; nudge one.
-        merge_patch(&deploys, "web", json!({"metadata": {"labels": {"nudge": "1"}}})).await?;
         let back = wait_for("the deleted snapshot to come back", DEADLINE, || async {
             Ok(match cms.get_opt(&a).await? {
                 Some(cm) => Ok(cm),

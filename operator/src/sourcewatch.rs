@@ -155,6 +155,22 @@ impl Subscriptions {
     }
 }
 
+/// The source a config snapshot copies (from its `appset.dev/snapshot-of` annotation), when
+/// `m` is one.
+fn snapshot_source<S>(kind: SourceKind, m: &PartialObjectMeta<S>) -> Option<String> {
+    let of = m
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(appset_crds::keys::SNAPSHOT_OF)?;
+    let (k, name) = of.split_once('/')?;
+    let matches = match kind {
+        SourceKind::ConfigMap => k == "configmap",
+        SourceKind::Secret => k == "secret",
+    };
+    (matches && !name.is_empty()).then(|| name.to_string())
+}
+
 /// The changes one metadata watch reports.
 fn changes<S: Namespaced>(
     api: kube::Api<PartialObjectMeta<S>>,
@@ -163,8 +179,16 @@ fn changes<S: Namespaced>(
 ) -> impl Stream<Item = Option<SourceChange>> + Send {
     let watch = watcher(api, watcher::Config::default()).backoff(kubeapi::watch_backoff());
     kubeapi::release_on_sync(watch, ready).map(move |ev| match ev {
-        Ok(watcher::Event::Apply(m) | watcher::Event::Delete(m) | watcher::Event::InitApply(m)) => {
-            Some(SourceChange {
+        // A config snapshot deleted (by hand) counts as a change of its source, so the workloads
+        // that use it are reconciled and the current revision's copy is recreated; its other
+        // changes (owner references) concern nobody.
+        Ok(watcher::Event::Delete(m)) => Some(SourceChange {
+            kind,
+            namespace: m.namespace().unwrap_or_default(),
+            name: snapshot_source(kind, &m).unwrap_or_else(|| m.name_any()),
+        }),
+        Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => {
+            snapshot_source(kind, &m).is_none().then(|| SourceChange {
                 kind,
                 namespace: m.namespace().unwrap_or_default(),
                 name: m.name_any(),
@@ -194,5 +218,43 @@ async fn fan_out(
             }
         }
         subscribers = kept;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(annotations: &[(&str, &str)]) -> PartialObjectMeta<ConfigMap> {
+        let mut m = PartialObjectMeta::<ConfigMap>::default();
+        m.metadata.name = Some("app-config-0123456789".into());
+        m.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        m
+    }
+
+    #[test]
+    fn a_snapshot_stands_for_the_source_it_copies() {
+        let of = appset_crds::keys::SNAPSHOT_OF;
+        assert_eq!(
+            snapshot_source(
+                SourceKind::ConfigMap,
+                &meta(&[(of, "configmap/app-config")])
+            ),
+            Some("app-config".into())
+        );
+        assert_eq!(
+            snapshot_source(SourceKind::Secret, &meta(&[(of, "configmap/app-config")])),
+            None
+        );
+        assert_eq!(
+            snapshot_source(SourceKind::ConfigMap, &meta(&[(of, "configmap/")])),
+            None
+        );
+        assert_eq!(snapshot_source(SourceKind::ConfigMap, &meta(&[])), None);
     }
 }

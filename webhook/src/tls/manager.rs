@@ -455,29 +455,50 @@ impl TlsManager {
             None => futures::stream::pending().boxed(),
         };
         tokio::pin!(shutdown);
+        let mut next = tokio::time::Instant::now();
         loop {
-            let wait = match self.tick().await {
-                Ok(()) => self.config.check_interval,
-                Err(e) => {
-                    warn!(error = %e, "certificate maintenance failed; retrying");
-                    RETRY.min(self.config.check_interval)
-                }
-            };
-            tokio::select! {
+            if next <= tokio::time::Instant::now() {
+                let wait = match self.tick().await {
+                    Ok(()) => self.config.check_interval,
+                    Err(e) => {
+                        warn!(error = %e, "certificate maintenance failed; retrying");
+                        RETRY.min(self.config.check_interval)
+                    }
+                };
+                next = tokio::time::Instant::now() + wait;
+            }
+            // A change brings the next pass forward; a watch error (retried by the watch after
+            // a pause) does not, so a watch that keeps failing costs no extra passes.
+            let changed = tokio::select! {
                 () = &mut shutdown => return,
-                () = tokio::time::sleep(wait) => {}
-                ev = secret_changes.next() => {
-                    if let Some(Err(e)) = ev {
+                () = tokio::time::sleep_until(next) => false,
+                ev = secret_changes.next() => match ev {
+                    Some(Ok(_)) => true,
+                    Some(Err(e)) => {
                         debug!(error = %e, "certificate Secret watch error");
                         tokio::time::sleep(RETRY).await;
+                        false
                     }
-                }
-                ev = config_changes.next() => {
-                    if let Some(Err(e)) = ev {
+                    None => {
+                        tokio::time::sleep(RETRY).await;
+                        false
+                    }
+                },
+                ev = config_changes.next() => match ev {
+                    Some(Ok(())) => true,
+                    Some(Err(e)) => {
                         debug!(error = %e, "webhook configuration watch error");
                         tokio::time::sleep(RETRY).await;
+                        false
                     }
-                }
+                    None => {
+                        tokio::time::sleep(RETRY).await;
+                        false
+                    }
+                },
+            };
+            if changed {
+                next = tokio::time::Instant::now();
             }
         }
     }
