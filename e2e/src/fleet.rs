@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use appset_webhook::probe::Probe;
 use appset_webhook::tls::manager::TlsConfig;
 use appset_webhook::tls::material::Policy;
@@ -346,14 +346,9 @@ impl Fleet {
             "127.0.0.1",
             &String::from_utf8_lossy(&bundle.0),
         )?;
-        let mut conn = probe.connect().await?;
-        let (status, body) = conn
-            .send(Method::GET, "/metrics", Default::default())
-            .await?;
-        if status != StatusCode::OK {
-            bail!("/metrics of replica {i} answered {status}");
-        }
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        crate::runners::metrics_of(&probe)
+            .await
+            .with_context(|| format!("replica {i}"))
     }
 
     /// Stops every replica and deletes the configuration.

@@ -223,6 +223,18 @@ impl ConfigRollout {
     }
 }
 
+/// The `/metrics` text of the webhook `probe` reaches.
+pub async fn metrics_of(probe: &Probe) -> Result<String> {
+    let mut conn = probe.connect().await?;
+    let (status, body) = conn
+        .send(Method::GET, "/metrics", Default::default())
+        .await?;
+    if status != StatusCode::OK {
+        bail!("/metrics answered {status}");
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// What a [`Webhook`] runner serves beyond injection.
 #[derive(Debug, Default, Clone)]
 pub struct WebhookOptions {
@@ -384,14 +396,7 @@ impl Webhook {
 
     /// The webhook's `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
-        let mut conn = self.probe.connect().await?;
-        let (status, body) = conn
-            .send(Method::GET, "/metrics", Default::default())
-            .await?;
-        if status != StatusCode::OK {
-            bail!("/metrics answered {status}");
-        }
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        metrics_of(&self.probe).await
     }
 
     /// Stops the webhook and deletes its configuration.
