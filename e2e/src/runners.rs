@@ -254,7 +254,7 @@ pub struct Webhook {
     name: String,
     probe: Probe,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), appset_webhook::Error>>,
+    task: Option<JoinHandle<Result<(), appset_webhook::Error>>>,
 }
 
 impl Webhook {
@@ -377,7 +377,7 @@ impl Webhook {
             name,
             probe,
             stop: stop.take(),
-            task,
+            task: Some(task),
         })
     }
 
@@ -408,12 +408,20 @@ impl Webhook {
         {
             eprintln!("cannot delete {}: {e}", self.name);
         }
+        self.stop_serving().await
+    }
+
+    /// Stops the server and leaves its configuration in place, as an outage would (the API
+    /// server then fails the calls it makes).
+    pub async fn stop_serving(&mut self) -> Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
-            .await
-            .context("the webhook did not stop")???;
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .context("the webhook did not stop")???;
+        }
         Ok(())
     }
 }

@@ -35,7 +35,7 @@ fn chart() -> String {
 #[test]
 fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
     run_ok("helm", &["lint", &chart(), "--strict"])?;
-    let variants: [&[&str]; 2] = [
+    let variants: [&[&str]; 3] = [
         &[],
         &[
             "--set",
@@ -46,6 +46,14 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
             "networkPolicy.enabled=true",
             "--set",
             "webhook.url=https://127.0.0.1:9443/mutate-pods",
+        ],
+        // Config snapshots (the /pin-config entry with its matchCondition, the RBAC) and a
+        // client CA for the webhook.
+        &[
+            "--set",
+            "operator.configSnapshots=true",
+            "--set",
+            "webhook.clientCAConfigMap=apiserver-webhook-client-ca",
         ],
     ];
     let dir = scratch_dir("chart-render")?;
@@ -81,6 +89,28 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
             let object = format!("{kind}.admissionregistration.k8s.io/dry-appset-webhook-guard");
             assert!(out.contains(&object), "{out}");
         }
+        // Snapshots: the pin entry, the operator's flag and rights; the client CA mounted.
+        let snapshots = i == 2;
+        assert_eq!(
+            rendered.contains("path: /pin-config"),
+            snapshots,
+            "variant {i}"
+        );
+        assert_eq!(
+            rendered.contains("--config-snapshots"),
+            snapshots,
+            "variant {i}"
+        );
+        assert_eq!(
+            rendered.contains("resources: [replicasets]"),
+            snapshots,
+            "variant {i}"
+        );
+        assert_eq!(
+            rendered.contains("--client-ca-file=/etc/appset/client-ca/ca.crt"),
+            snapshots,
+            "variant {i}"
+        );
     }
     // Without the guard the rest renders as before.
     let unguarded = run_ok(

@@ -731,3 +731,141 @@ async fn switching_snapshot_mode_on_and_off_rolls_once_each_and_a_deleted_snapsh
     ns.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_daemonset_in_snapshot_mode_rolls_onto_a_copy_its_controller_revision_owns() -> Result<()>
+{
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let ns = TestNamespace::new("snap-ds").await?;
+    let (rollout, webhook) = start(&ns).await?;
+    let result = async {
+        let cms = ns.api::<ConfigMap>();
+        create(&cms, config_map("app-config", json!({"greeting": "v1"}))).await?;
+        let mut manifest = web(2);
+        manifest["kind"] = json!("DaemonSet");
+        manifest["metadata"]["name"] = json!("agent");
+        let spec = manifest["spec"].as_object_mut().context("spec")?;
+        for field in ["strategy", "minReadySeconds", "replicas"] {
+            spec.remove(field);
+        }
+        spec.insert("selector".into(), json!({"matchLabels": {"app": "agent"}}));
+        manifest["spec"]["template"]["metadata"]["labels"] = json!({"app": "agent"});
+        create(&ns.api::<DaemonSet>(), manifest).await?;
+        let reads = |want: Option<String>| {
+            let ns = &ns;
+            async move {
+                wait_for(
+                    "every agent pod reading one pinned copy",
+                    DEADLINE,
+                    || async {
+                        let by = stateful_pods(ns, "agent").await?;
+                        let all: BTreeSet<&String> = by.values().flatten().collect();
+                        Ok(match all.iter().next() {
+                            Some(c)
+                                if all.len() == 1
+                                    && **c != "app-config"
+                                    && want.as_ref().is_none_or(|w| w != *c) =>
+                            {
+                                Ok((*c).clone())
+                            }
+                            _ => Err(format!("{by:?}")),
+                        })
+                    },
+                )
+                .await
+            }
+        };
+        let a = reads(None).await?;
+        merge_patch(&cms, "app-config", json!({"data": {"greeting": "v2"}})).await?;
+        let b = reads(Some(a.clone())).await?;
+        for copy in [&a, &b] {
+            let cm = wait_for("the copy owned by its revision", DEADLINE, || async {
+                let cm = copy_data(&ns, copy).await?;
+                Ok(
+                    if !cm.owner_references().is_empty()
+                        && cm
+                            .owner_references()
+                            .iter()
+                            .all(|o| o.kind == "ControllerRevision")
+                    {
+                        Ok(cm)
+                    } else {
+                        Err(format!("{:?}", cm.owner_references()))
+                    },
+                )
+            })
+            .await?;
+            ensure!(cm.immutable == Some(true), "{copy} is not immutable");
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rollout.stop().await?;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_the_webhook_down_a_pinned_pod_is_refused_and_an_unpinned_one_is_not() -> Result<()> {
+    let ns = TestNamespace::new("snap-down").await?;
+    let (rollout, mut webhook) = start(&ns).await?;
+    let result = async {
+        webhook.stop_serving().await?;
+        let pods = ns.api::<Pod>();
+        let pod = |name: &str, pinned: bool| {
+            let mut p = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name},
+                "spec": {"containers": [{"name": "c", "image": "nginx:1.27",
+                    "envFrom": [{"configMapRef": {"name": "app-config"}}]}]}
+            });
+            if pinned {
+                p["metadata"]["annotations"] =
+                    json!({keys::CONFIG_SNAPSHOTS: "{\"configmap/app-config\":\"app-config-0123456789\"}"});
+            }
+            p
+        };
+        // The injection entry of the test configuration still selects this namespace: an
+        // unpinned pod is refused by it too, so the namespace's injection entry is removed
+        // first, leaving only the pin entry, as in a namespace not opted in to injection.
+        let configs: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+            Api::all(ns.client.clone());
+        let name = format!("appset-webhook-{}", ns.name);
+        configs
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(serde_json::from_value(json!([
+                    {"op": "test", "path": "/webhooks/0/name", "value": "inject.appset.dev"},
+                    {"op": "remove", "path": "/webhooks/0"}
+                ]))?),
+            )
+            .await?;
+        let refused = wait_for("the pinned pod to be refused", DEADLINE, || async {
+            Ok(match create(&pods, pod("pinned", true)).await {
+                Err(e) => Ok(format!("{e:#}")),
+                Ok(_) => {
+                    pods.delete("pinned", &DeleteParams::default()).await?;
+                    Err("admitted".to_string())
+                }
+            })
+        })
+        .await?;
+        ensure!(
+            refused.contains("pin.appset.dev"),
+            "the refusal does not name the webhook: {refused}"
+        );
+        create(&pods, pod("plain", false))
+            .await
+            .context("an unpinned pod was refused while the webhook was down")?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rollout.stop().await?;
+    webhook.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
