@@ -23,8 +23,8 @@
 //!    keeps the ControllerRevision of every pod it runs, so no copy a live pod reads is
 //!    deleted.
 //!
-//! AppSets are not covered yet (their controller would pin the references itself); the mode is
-//! refused for them with a Warning Event.
+//! AppSets are not covered yet: their config rollout is `spec.configRollout`, handled by the
+//! AppSet controller, which would pin the references itself when it creates pods.
 //!
 //! [`desired`], [`annotation`], [`name_for`] and the copy builders are pure; [`ensure`] and
 //! [`adopt`] do the I/O.
