@@ -422,7 +422,16 @@ async fn hash_sources<K: Workload>(
     let digests = Digests::of(&keyring, &fetched.sources);
     let per_source = hash::per_source(&keyring.current, &fetched.sources);
     let snapshot = snapshot_mode(obj, ctx).await.then(|| {
-        let pins = snapshot::desired(&fetched.sources, &per_source);
+        // Only what the pods read is copied: a source listed by annotation alone rolls the
+        // workload when it changes, but no pod reads a copy of it.
+        let read: BTreeSet<discovery::SourceName> = obj
+            .template()
+            .spec
+            .as_ref()
+            .map(|spec| discovery::references(spec).names().cloned().collect())
+            .unwrap_or_default();
+        let mut pins = snapshot::desired(&fetched.sources, &per_source);
+        pins.retain(|source, _| read.contains(source));
         (fetched.sources, pins)
     });
     Ok(Some(Hashed {
