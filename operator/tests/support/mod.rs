@@ -367,6 +367,17 @@ fn answer(state: &Mutex<State>, request: Request) -> (u16, Value) {
                 None => not_found(&name),
             }
         }
+        ("PUT", Some(name)) => match objects.get_mut(&name) {
+            Some(o) if stale(o, &request.body["metadata"]["resourceVersion"]) => conflict(&name),
+            Some(o) => {
+                let uid = o["metadata"]["uid"].clone();
+                *o = request.body.clone();
+                o["metadata"]["uid"] = uid;
+                o["metadata"]["resourceVersion"] = json!(rv);
+                (200, o.clone())
+            }
+            None => not_found(&name),
+        },
         ("DELETE", Some(name)) => {
             let pre = &request.body["preconditions"];
             match objects.get(&name) {
