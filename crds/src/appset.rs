@@ -142,6 +142,13 @@ pub struct AppSetSpec {
     #[serde(default = "default_true")]
     pub config_rollout: bool,
 
+    /// With `configRollout`: pin each revision to immutable copies ("snapshots") of the
+    /// ConfigMaps and Secrets its pods read, so pods of an older revision, and a rollback, read
+    /// the config that revision was rolled out with. Needs the operator's `--config-snapshots`.
+    /// Defaults to false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub config_snapshots: bool,
+
     /// Seconds a rollout may go without progress before the `Progressing` condition turns
     /// False with reason `ProgressDeadlineExceeded`. Defaults to 600.
     #[serde(default = "default_progress_deadline")]

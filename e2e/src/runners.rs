@@ -303,6 +303,9 @@ impl Webhook {
             pin["matchConditions"] = json!([{
                 "name": "pinned-to-config-snapshots",
                 "expression": format!("has(object.metadata.annotations) && '{}' in object.metadata.annotations", appset_crds::keys::CONFIG_SNAPSHOTS)
+            }, {
+                "name": "not-an-appset-pod",
+                "expression": format!("!has(object.metadata.labels) || !('{}' in object.metadata.labels)", appset_crds::keys::APPSET_NAME_LABEL)
             }]);
             webhooks.push(pin);
         }

@@ -869,3 +869,132 @@ async fn with_the_webhook_down_a_pinned_pod_is_refused_and_an_unpinned_one_is_no
     ns.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_appset_with_config_snapshots_pins_each_revision_itself() -> Result<()> {
+    use appset_crds::AppSet;
+    use appset_e2e::fixtures::appset_with_spec;
+    use appset_e2e::runners::AppSetController;
+    use k8s_openapi::api::apps::v1::ControllerRevision;
+    let ns = TestNamespace::new("snap-appset").await?;
+    let settings = appset_operator::appset::controller::Settings {
+        snapshots: true,
+        ..AppSetController::settings(&ns)
+    };
+    let ctl = AppSetController::start_with(&ns, settings).await?;
+    let result = async {
+        let cms = ns.api::<ConfigMap>();
+        create(&cms, config_map("app-config", json!({"greeting": "v1"}))).await?;
+        let set = appset_with_spec(
+            "db",
+            json!({
+                "replicas": 3,
+                "podManagementPolicy": "Parallel",
+                "configRollout": true,
+                "configSnapshots": true,
+                "revisionHistoryLimit": 1,
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {
+                    "metadata": {"labels": {"app": "db"}},
+                    "spec": {
+                        "containers": [{
+                            "name": "db", "image": "nginx:1.27",
+                            "envFrom": [{"configMapRef": {"name": "app-config"}}],
+                            "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]
+                        }],
+                        "volumes": [{"name": "config", "configMap": {"name": "app-config"}}]
+                    }
+                }
+            }),
+        )?;
+        ns.api::<AppSet>()
+            .create(&Default::default(), &set)
+            .await
+            .context("create the AppSet")?;
+        // Its pods read a copy from the start, with no webhook in the way.
+        let settled = |not: Option<String>| {
+            let ns = &ns;
+            async move {
+                wait_for("3 AppSet pods reading one copy", DEADLINE, || async {
+                    let mut copies = BTreeSet::new();
+                    let pods = ns
+                        .api::<Pod>()
+                        .list(&ListParams::default().labels("app=db"))
+                        .await?;
+                    let live: Vec<&Pod> = pods
+                        .items
+                        .iter()
+                        .filter(|p| p.metadata.deletion_timestamp.is_none())
+                        .collect();
+                    for p in &live {
+                        copies.insert(config_read(p)?);
+                    }
+                    Ok(match copies.iter().next() {
+                        Some(c)
+                            if live.len() == 3
+                                && copies.len() == 1
+                                && c != "app-config"
+                                && not.as_ref().is_none_or(|n| n != c) =>
+                        {
+                            Ok(c.clone())
+                        }
+                        _ => Err(format!("{copies:?} over {} pods", live.len())),
+                    })
+                })
+                .await
+            }
+        };
+        let a = settled(None).await?;
+        let spec = ns.api::<AppSet>().get("db").await?.spec.template;
+        ensure!(
+            serde_json::to_string(&spec)?.contains("\"app-config\"")
+                && !serde_json::to_string(&spec)?.contains(&a),
+            "the AppSet's own template was rewritten"
+        );
+        merge_patch(&cms, "app-config", json!({"data": {"greeting": "v2"}})).await?;
+        let b = settled(Some(a.clone())).await?;
+        merge_patch(&cms, "app-config", json!({"data": {"greeting": "v3"}})).await?;
+        let c = settled(Some(b.clone())).await?;
+        // History 1: the revision of A is pruned and A with it; B (kept) and C stay, each owned
+        // by its ControllerRevision.
+        wait_for("snapshot A to be collected", DEADLINE, || async {
+            Ok(match cms.get_opt(&a).await? {
+                None => Ok(()),
+                Some(cm) => Err(format!("A still owned by {:?}", cm.owner_references())),
+            })
+        })
+        .await?;
+        let revisions = ns
+            .api::<ControllerRevision>()
+            .list(&ListParams::default())
+            .await?;
+        for kept in [&b, &c] {
+            let cm = copy_data(&ns, kept).await?;
+            let owners = cm.owner_references();
+            ensure!(
+                !owners.is_empty()
+                    && owners.iter().all(|o| o.kind == "ControllerRevision"
+                        && revisions
+                            .items
+                            .iter()
+                            .any(|r| r.metadata.uid.as_deref() == Some(o.uid.as_str()))),
+                "snapshot {kept} is owned by {owners:?}"
+            );
+        }
+        ensure!(
+            copy_data(&ns, &c)
+                .await?
+                .data
+                .and_then(|d| d.get("greeting").cloned())
+                .as_deref()
+                == Some("v3"),
+            "snapshot C does not hold v3"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    ctl.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}

@@ -103,6 +103,8 @@ pub struct Settings {
     pub pacing: crate::pacing::Policy,
     /// Where each watch loop registers its heartbeat (`/healthz`); `None`: not watched.
     pub liveness: Option<appset_process::liveness::Liveness>,
+    /// Allow `spec.configSnapshots`.
+    pub snapshots: bool,
 }
 
 impl Default for Settings {
@@ -115,6 +117,7 @@ impl Default for Settings {
             instance: None,
             pacing: crate::pacing::Policy::default(),
             liveness: None,
+            snapshots: false,
         }
     }
 }

@@ -265,7 +265,7 @@ pub async fn config_hash(
     set: &AppSet,
     t: &Target,
     previous: Option<&AppSetStatus>,
-) -> Result<Option<AppSetConfig>, Error> {
+) -> Result<Option<ConfigNow>, Error> {
     let Some(pod_spec) = set.spec.template.spec.as_ref() else {
         return Ok(None);
     };
@@ -285,20 +285,42 @@ pub async fn config_hash(
             names.join(", ")
         )).await;
         if let Some(token) = token {
-            return Ok(Some(AppSetConfig {
-                token: token.to_string(),
-                digest,
-                comparison: Comparison::Unchanged,
+            return Ok(Some(ConfigNow {
+                config: AppSetConfig {
+                    token: token.to_string(),
+                    digest,
+                    comparison: Comparison::Unchanged,
+                },
+                // The token kept stands for older data: nothing read now may be pinned.
+                pins: None,
             }));
         }
     }
-    let now = Digests::of(&ctx.keyring.get(), &fetched.sources);
+    let keyring = ctx.keyring.get();
+    let now = Digests::of(&keyring, &fetched.sources);
     let config = rotation::appset_config(token, digest.as_ref(), &now);
     if config.comparison == Comparison::UnknownKey {
         ctx.event(set, EventType::Warning, "ConfigKeyUnknown", "HashConfig",
             "the config digest was made with a hash key the operator no longer has (the key Secret was replaced without keeping `previous`, or rotated twice before this AppSet was compared); it is recorded again without a rollout. A change of its ConfigMaps or Secrets made at the same time is not rolled out: change the template to roll it if one was.".to_string()).await;
     }
-    Ok(Some(config))
+    let pins = set.spec.config_snapshots.then(|| {
+        let per_source = crate::confighash::hash::per_source(&keyring.current, &fetched.sources);
+        let pins = crate::config::snapshot::desired(&fetched.sources, &per_source);
+        (fetched.sources, pins)
+    });
+    Ok(Some(ConfigNow { config, pins }))
+}
+
+/// The config of an AppSet now: what to record, and (with `configSnapshots`) the sources as
+/// read with the copies their data maps to, from the same read.
+pub struct ConfigNow {
+    /// The token and digest.
+    pub config: AppSetConfig,
+    /// The sources read and the copy each present one is pinned to.
+    pub pins: Option<(
+        Vec<crate::confighash::hash::Source>,
+        BTreeMap<crate::confighash::discovery::SourceName, String>,
+    )>,
 }
 
 #[cfg(test)]

@@ -22,19 +22,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use appset_crds::AppSet;
 use appset_crds::appset::{AppSetStatus, PodManagementPolicy, UpdateStrategyType};
+use appset_crds::{AppSet, keys};
 
 use super::controller::{Context, Error};
 use super::execute::{self, Templates};
 use super::observe::{self, Claim, Target};
 use super::plan::{self, PlanInput, PodInfo};
 use super::{revision, status};
+use crate::config::snapshot;
+use crate::confighash::discovery::SourceName;
 use crate::confighash::rotation::Observed;
 use crate::pacing::{self, Paced};
 
@@ -64,32 +66,34 @@ pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> 
     let now = Timestamp::now();
 
     execute::service(ctx, set, &t).await?;
-    let (paced, config_digest) = if set.spec.config_rollout {
+    let (paced, config_digest, pins) = if set.spec.config_rollout {
         let fresh = observe::config_hash(ctx, set, &t, previous).await?;
         let recorded = previous.and_then(|s| s.config_hash.as_deref());
         let paced = pacing::pace(
             &ctx.settings.pacing,
             recorded,
-            fresh.as_ref().map(|c| c.token.as_str()),
+            fresh.as_ref().map(|c| c.config.token.as_str()),
             &recorded_pacing(previous),
             now.as_second(),
         );
         // The digest recorded is the one the token in use stands for: a change that waits for
         // its window keeps the digest of the data before it, so it is not taken as seen.
         let digest = match (&fresh, &paced.hash) {
-            (Some(c), Some(token)) if *token == c.token => c
+            (Some(c), Some(token)) if *token == c.config.token => c
+                .config
                 .digest
                 .as_ref()
                 .map(Observed::to_annotation)
                 .or_else(|| previous.and_then(|s| s.config_digest.clone())),
             _ => previous.and_then(|s| s.config_digest.clone()),
         };
-        (paced, digest)
+        let pins = pin_choice(ctx, set, &t, fresh.as_ref(), paced.hash.as_deref()).await?;
+        (paced, digest, pins)
     } else {
-        (Paced::default(), None)
+        (Paced::default(), None, Pins::Off)
     };
     let config_hash = paced.hash.clone();
-    let revs = revisions(ctx, set, &t, config_hash.as_deref(), previous).await?;
+    let revs = revisions(ctx, set, &t, config_hash.as_deref(), pins, previous).await?;
 
     let pods: Vec<PodInfo> = observe::pods(ctx, set, &t).await?;
     let claims = observe::claims(ctx, set, &t).await?;
@@ -111,6 +115,37 @@ pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> 
         .collect();
     let prune = revision::revisions_to_prune(&revs.infos, &live, set.spec.revision_history_limit);
     execute::prune_revisions(ctx, &t, &revs.listed, prune).await?;
+    if set.spec.config_snapshots && ctx.settings.snapshots {
+        // The revisions take over the copies they name; the garbage collector removes a copy
+        // with the last pruned revision that names it.
+        let adoption = snapshot::adopt(
+            &ctx.client,
+            &t.ns,
+            &t.uid,
+            snapshot::Revisions::ControllerRevisions,
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            what: format!(
+                "hand the config snapshots of AppSet {}/{} to its revisions",
+                t.ns, t.name
+            ),
+            source,
+        })?;
+        if !adoption.missing.is_empty() {
+            ctx.event(
+                set,
+                EventType::Warning,
+                "ConfigSnapshotMissing",
+                "PinConfig",
+                format!(
+                    "Config snapshots named by a revision of this AppSet were deleted: {}. Pods of that revision cannot start until they exist; the current revision's are recreated while its sources hold the same data",
+                    adoption.missing.join(", ")
+                ),
+            )
+            .await;
+        }
+    }
 
     let waiting = decided.waiting.as_ref().map(ToString::to_string);
     let outcome = status::compute(&status::StatusInput {
@@ -180,16 +215,92 @@ fn time_at(seconds: i64) -> Option<Time> {
 
 /// Step 3: the update revision (created or reused as needed), the current one, and every
 /// revision's template.
+/// Which config snapshots the revision's template is pinned to.
+enum Pins {
+    /// None: `configSnapshots` is off (or not allowed).
+    Off,
+    /// The copies of the data the token in use stands for, read now (and created).
+    Now(BTreeMap<SourceName, String>),
+    /// Those of the revision already made for the token in use: the data read now waits for
+    /// its window, or could not all be read.
+    Kept,
+}
+
+/// With `configSnapshots`: creates the copies of the data read now when the token in use
+/// stands for it, before any revision names them.
+async fn pin_choice(
+    ctx: &Context,
+    set: &AppSet,
+    t: &Target,
+    fresh: Option<&observe::ConfigNow>,
+    token: Option<&str>,
+) -> Result<Pins, Error> {
+    if !set.spec.config_snapshots {
+        return Ok(Pins::Off);
+    }
+    if !ctx.settings.snapshots {
+        ctx.event(
+            set,
+            EventType::Warning,
+            "ConfigSnapshotsUnavailable",
+            "PinConfig",
+            "Rolling out without snapshots: config snapshots are not enabled in this operator (--config-snapshots, chart value operator.configSnapshots)".to_string(),
+        )
+        .await;
+        return Ok(Pins::Off);
+    }
+    match (fresh, token) {
+        (
+            Some(observe::ConfigNow {
+                config,
+                pins: Some((sources, pins)),
+            }),
+            Some(token),
+        ) if config.token == token => {
+            let owner = OwnerReference {
+                api_version: "appset.dev/v1alpha1".into(),
+                kind: "AppSet".into(),
+                name: t.name.clone(),
+                uid: t.uid.clone(),
+                ..Default::default()
+            };
+            snapshot::ensure(&ctx.client, &t.ns, sources, pins, &owner)
+                .await
+                .map_err(|source| Error::Kube {
+                    what: format!("create the config snapshots of AppSet {}/{}", t.ns, t.name),
+                    source,
+                })?;
+            Ok(Pins::Now(pins.clone()))
+        }
+        (_, Some(_)) => Ok(Pins::Kept),
+        _ => Ok(Pins::Off),
+    }
+}
+
 async fn revisions(
     ctx: &Context,
     set: &AppSet,
     t: &Target,
     config_hash: Option<&str>,
+    pins: Pins,
     previous: Option<&AppSetStatus>,
 ) -> Result<Revisions, Error> {
     let listed = observe::revisions(ctx, t).await?;
     let infos = observe::revision_infos(&listed);
-    let template = revision::effective_template(&set.spec.template, config_hash);
+    let pins = match pins {
+        Pins::Off => None,
+        Pins::Now(p) => Some(p),
+        Pins::Kept => infos
+            .iter()
+            .filter_map(|r| revision::template_of(&r.data))
+            .filter_map(|tmpl| tmpl.metadata?.annotations)
+            .find(|a| a.get(keys::CONFIG_HASH).map(String::as_str) == config_hash)
+            .and_then(|a| {
+                a.get(keys::CONFIG_SNAPSHOTS)
+                    .map(|v| snapshot::pins_from_annotation(v))
+            }),
+    };
+    let template = revision::effective_template(&set.spec.template, config_hash, pins.as_ref());
     let data = revision::revision_data(&template);
     let collision_before = previous.and_then(|s| s.collision_count).unwrap_or(0);
     let (choice, collision_count) =

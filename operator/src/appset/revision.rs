@@ -14,13 +14,15 @@
 //! calls [`choose_update_revision`] with the new data; it creates or bumps the revision as told,
 //! then, after the pods are planned, calls [`revisions_to_prune`] with the revisions still used.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use appset_crds::keys;
+
+use crate::confighash::discovery::SourceName;
 
 /// What the bookkeeping needs to know about one existing ControllerRevision.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +39,7 @@ pub struct RevisionInfo {
 pub fn effective_template(
     template: &PodTemplateSpec,
     config_hash: Option<&str>,
+    pins: Option<&BTreeMap<SourceName, String>>,
 ) -> PodTemplateSpec {
     let mut t = template.clone();
     if let Some(hash) = config_hash {
@@ -45,6 +48,21 @@ pub fn effective_template(
             .annotations
             .get_or_insert_with(Default::default)
             .insert(keys::CONFIG_HASH.to_string(), hash.to_string());
+    }
+    // Config snapshots: the revision's pods read the copies; the pins go with the revision, so
+    // its pods keep them and a rollback brings them back.
+    if let Some(pins) = pins {
+        if let Some(spec) = t.spec.as_mut() {
+            crate::config::snapshot::pin_spec(spec, pins);
+        }
+        t.metadata
+            .get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                keys::CONFIG_SNAPSHOTS.to_string(),
+                crate::config::snapshot::annotation(pins),
+            );
     }
     t
 }
@@ -231,9 +249,9 @@ mod tests {
     #[test]
     fn the_config_hash_is_part_of_the_revision() {
         let t = template("nginx:1");
-        let one = revision_data(&effective_template(&t, Some("aaa")));
-        let two = revision_data(&effective_template(&t, Some("bbb")));
-        let none = revision_data(&effective_template(&t, None));
+        let one = revision_data(&effective_template(&t, Some("aaa"), None));
+        let two = revision_data(&effective_template(&t, Some("bbb"), None));
+        let none = revision_data(&effective_template(&t, None, None));
         assert_ne!(revision_hash(&one, 0), revision_hash(&two, 0));
         assert_ne!(revision_hash(&one, 0), revision_hash(&none, 0));
         let back = template_of(&one).expect("template");

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use appset_crds::keys;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{ControllerRevision, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
@@ -110,6 +110,101 @@ pub fn copies_named(value: &str) -> Vec<(SourceKind, String)> {
             Some((kind, v))
         })
         .collect()
+}
+
+/// The pins an annotation value names, by source (none when it does not parse).
+pub fn pins_from_annotation(value: &str) -> BTreeMap<SourceName, String> {
+    let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(value) else {
+        return BTreeMap::new();
+    };
+    map.into_iter()
+        .filter_map(|(k, copy)| {
+            let source = match k.split_once('/')? {
+                ("configmap", name) if !name.is_empty() => SourceName::config_map(name),
+                ("secret", name) if !name.is_empty() => SourceName::secret(name),
+                _ => return None,
+            };
+            Some((source, copy))
+        })
+        .collect()
+}
+
+/// Points every reference of `spec` to a pinned source at its copy: `envFrom`, `env.valueFrom`
+/// (containers, init and ephemeral containers), `configMap`, `secret` and projected volumes.
+/// What the webhook's `/pin-config` does to a pod, done by the AppSet controller to the
+/// revision's template. Returns how many references changed.
+pub fn pin_spec(spec: &mut PodSpec, pins: &BTreeMap<SourceName, String>) -> usize {
+    let mut changed = 0;
+    let mut swap = |kind: SourceKind, name: &mut String| {
+        let key = SourceName {
+            kind,
+            name: name.clone(),
+        };
+        if let Some(copy) = pins.get(&key) {
+            *name = copy.clone();
+            changed += 1;
+        }
+    };
+    let env_lists = spec
+        .containers
+        .iter_mut()
+        .map(|c| (&mut c.env, &mut c.env_from))
+        .chain(
+            spec.init_containers
+                .iter_mut()
+                .flatten()
+                .map(|c| (&mut c.env, &mut c.env_from)),
+        )
+        .chain(
+            spec.ephemeral_containers
+                .iter_mut()
+                .flatten()
+                .map(|c| (&mut c.env, &mut c.env_from)),
+        );
+    for (env, env_from) in env_lists {
+        for e in env_from.iter_mut().flatten() {
+            if let Some(r) = e.config_map_ref.as_mut() {
+                swap(SourceKind::ConfigMap, &mut r.name);
+            }
+            if let Some(r) = e.secret_ref.as_mut() {
+                swap(SourceKind::Secret, &mut r.name);
+            }
+        }
+        for e in env.iter_mut().flatten() {
+            let Some(from) = e.value_from.as_mut() else {
+                continue;
+            };
+            if let Some(r) = from.config_map_key_ref.as_mut() {
+                swap(SourceKind::ConfigMap, &mut r.name);
+            }
+            if let Some(r) = from.secret_key_ref.as_mut() {
+                swap(SourceKind::Secret, &mut r.name);
+            }
+        }
+    }
+    for v in spec.volumes.iter_mut().flatten() {
+        if let Some(c) = v.config_map.as_mut() {
+            swap(SourceKind::ConfigMap, &mut c.name);
+        }
+        if let Some(name) = v.secret.as_mut().and_then(|s| s.secret_name.as_mut()) {
+            swap(SourceKind::Secret, name);
+        }
+        for p in v
+            .projected
+            .as_mut()
+            .and_then(|p| p.sources.as_mut())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(c) = p.config_map.as_mut() {
+                swap(SourceKind::ConfigMap, &mut c.name);
+            }
+            if let Some(sec) = p.secret.as_mut() {
+                swap(SourceKind::Secret, &mut sec.name);
+            }
+        }
+    }
+    changed
 }
 
 fn meta(source: &Source, copy: &str, owner: &OwnerReference) -> ObjectMeta {
@@ -446,6 +541,48 @@ mod tests {
         assert_eq!(copy.immutable, Some(true));
         assert_eq!(copy.type_.as_deref(), Some("kubernetes.io/basic-auth"));
         assert!(config_map_copy(&present, "x", &owner("w")).is_none());
+    }
+
+    #[test]
+    fn a_pinned_spec_reads_the_copies_and_pinning_again_changes_nothing() {
+        let mut spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "app", "image": "app",
+                "envFrom": [{"configMapRef": {"name": "cfg"}}, {"secretRef": {"name": "cfg"}}],
+                "env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "db", "key": "p"}}},
+                        {"name": "O", "valueFrom": {"configMapKeyRef": {"name": "other", "key": "k"}}}]}],
+            "initContainers": [{"name": "init", "image": "i",
+                "envFrom": [{"configMapRef": {"name": "cfg"}}]}],
+            "volumes": [
+                {"name": "a", "configMap": {"name": "cfg"}},
+                {"name": "b", "secret": {"secretName": "db"}},
+                {"name": "c", "projected": {"sources": [{"configMap": {"name": "cfg"}}, {"secret": {"name": "db"}}]}}
+            ]
+        }))
+        .expect("a PodSpec");
+        let pins = pins_from_annotation(
+            r#"{"configmap/cfg":"cfg-0123456789","secret/db":"db-abcdef0123"}"#,
+        );
+        assert_eq!(pins.len(), 2);
+        assert_eq!(pin_spec(&mut spec, &pins), 7);
+        let v = serde_json::to_value(&spec).expect("json");
+        assert_eq!(
+            v["containers"][0]["envFrom"][0]["configMapRef"]["name"],
+            "cfg-0123456789"
+        );
+        assert_eq!(
+            v["containers"][0]["envFrom"][1]["secretRef"]["name"], "cfg",
+            "a Secret named like the ConfigMap is not its copy"
+        );
+        assert_eq!(
+            v["containers"][0]["env"][1]["valueFrom"]["configMapKeyRef"]["name"],
+            "other"
+        );
+        assert_eq!(
+            v["volumes"][2]["projected"]["sources"][1]["secret"]["name"],
+            "db-abcdef0123"
+        );
+        assert_eq!(pin_spec(&mut spec, &pins), 0);
+        assert!(pins_from_annotation("not json").is_empty());
     }
 
     #[test]

@@ -156,6 +156,7 @@ impl Options {
             concurrency: self.concurrency.max(1),
             instance: Some(self.identity()),
             pacing: self.pacing(),
+            snapshots: self.config_snapshots,
             ..Default::default()
         }
     }
