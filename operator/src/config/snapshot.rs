@@ -23,8 +23,10 @@
 //!    keeps the ControllerRevision of every pod it runs, so no copy a live pod reads is
 //!    deleted.
 //!
-//! AppSets are not covered yet: their config rollout is `spec.configRollout`, handled by the
-//! AppSet controller, which would pin the references itself when it creates pods.
+//! AppSets opt in with `spec.configSnapshots` (next to `spec.configRollout`): the AppSet
+//! controller creates the copies the same way ([`ensure`]), pins the revision's template itself
+//! ([`pin_spec`], so its pods need no webhook), and hands the copies to its ControllerRevisions
+//! ([`adopt`]).
 //!
 //! [`desired`], [`annotation`], [`name_for`] and the copy builders are pure; [`ensure`] and
 //! [`adopt`] do the I/O.
