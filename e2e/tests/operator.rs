@@ -7,6 +7,8 @@
 //! * Two rotations of the hash key in a row, then dropping `previous`, over 20 Deployments and
 //!   5 AppSets, with one ConfigMap changed in the middle of the first rotation: exactly the
 //!   workload using it rolls. The key is followed live: the operator is never restarted.
+//! * A Deployment in config snapshot mode reading a Secret, whose value changes once: the
+//!   operator, logging at debug level, never writes either value (plain or base64) to its log.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -30,6 +32,15 @@ use serde_json::json;
 /// Starts the operator binary for `ns` (its hash key Secret there too) with `extra` flags, and
 /// waits until `/readyz` passes; the process and the port of its endpoints.
 async fn operator(ns: &TestNamespace, extra: &[&str]) -> Result<(Process, u16)> {
+    operator_logging(ns, extra, "info").await
+}
+
+/// [`operator`] with `RUST_LOG` set to `level`.
+async fn operator_logging(
+    ns: &TestNamespace,
+    extra: &[&str],
+    level: &str,
+) -> Result<(Process, u16)> {
     let dir = scratch_dir(&ns.name)?;
     let kubeconfig = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
     let port = free_port()?;
@@ -46,7 +57,11 @@ async fn operator(ns: &TestNamespace, extra: &[&str]) -> Result<(Process, u16)> 
     let op = Process::start(
         &binary("appset-operator")?,
         &args,
-        &[("KUBECONFIG", &kubeconfig), ("POD_NAMESPACE", &ns.name)],
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAMESPACE", &ns.name),
+            ("RUST_LOG", level),
+        ],
         dir.join("operator.log"),
     )?;
     wait_for("the operator ready", Duration::from_secs(60), || async {
@@ -344,6 +359,125 @@ async fn two_key_rotations_roll_only_the_workload_whose_data_changed() -> Result
     ensure!(changed == ["d-7"], "rolled: {changed:?}\n{}", op.log_tail());
     ensure!(unknown == 0, "a digest of an unknown key was reported");
     drop(op);
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_operator_never_logs_the_value_of_a_secret_it_snapshots() -> Result<()> {
+    use appset_e2e::runners::{Webhook, WebhookOptions};
+    use base64::Engine;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::ListParams;
+    const CANARIES: [&str; 2] = ["canary-2b7e151628aed2a6", "canary-abf7158809cf4f3c"];
+    let ns = TestNamespace::new("op-snap-log").await?;
+    let webhook = Webhook::start_with(
+        &ns,
+        appset_webhook::tls::material::Policy::default(),
+        Duration::from_secs(30),
+        WebhookOptions {
+            pin_config: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (mut op, _) = operator_logging(
+        &ns,
+        &[
+            "--config-snapshots",
+            "--coalesce-window",
+            "0s",
+            "--min-rollout-interval",
+            "0s",
+        ],
+        "debug",
+    )
+    .await?;
+    let result = async {
+        let secrets = ns.api::<Secret>();
+        create(
+            &secrets,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
+                   "stringData": {"password": CANARIES[0]}}),
+        )
+        .await?;
+        create(
+            &ns.api::<Deployment>(),
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "api", "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "api"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "api"}},
+                        "spec": {"containers": [{
+                            "name": "api", "image": "nginx:1.27",
+                            "env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]
+                        }]}
+                    }
+                }
+            }),
+        )
+        .await?;
+        let reads = |not: Option<String>| {
+            let ns = &ns;
+            async move {
+                wait_for("the pod reading a snapshot", Duration::from_secs(90), || async {
+                    let pods = ns.api::<Pod>().list(&ListParams::default().labels("app=api")).await?;
+                    let names: Vec<String> = pods
+                        .items
+                        .iter()
+                        .filter(|p| p.metadata.deletion_timestamp.is_none())
+                        .filter_map(|p| {
+                            p.spec.as_ref()?.containers[0].env.as_ref()?[0]
+                                .value_from
+                                .as_ref()?
+                                .secret_key_ref
+                                .as_ref()
+                                .map(|r| r.name.clone())
+                        })
+                        .collect();
+                    Ok(match names.as_slice() {
+                        [n] if n != "db" && not.as_ref() != Some(n) => Ok(n.clone()),
+                        other => Err(format!("{other:?}")),
+                    })
+                })
+                .await
+            }
+        };
+        let first = reads(None).await?;
+        merge_patch(
+            &secrets,
+            "db",
+            json!({"stringData": {"password": CANARIES[1]}}),
+        )
+        .await?;
+        let second = reads(Some(first.clone())).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let log = std::fs::read_to_string(&op.log)?;
+        ensure!(
+            log.contains("rolled out for changed config"),
+            "the operator's log does not show the rollout, so it proves nothing:\n{}",
+            op.log_tail()
+        );
+        for canary in CANARIES {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(canary);
+            ensure!(
+                !log.contains(canary) && !log.contains(&encoded),
+                "the operator logged a Secret's value"
+            );
+        }
+        println!(
+            "snapshot mode at debug level: {} log lines, copies {first} then {second}, no Secret value in them",
+            log.lines().count()
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    op.kill();
+    webhook.stop().await?;
+    result?;
     ns.cleanup().await;
     Ok(())
 }

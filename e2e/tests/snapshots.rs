@@ -495,7 +495,7 @@ async fn a_statefulset_in_snapshot_mode_pins_each_revision_and_rolls_back_with_i
         let cms = ns.api::<ConfigMap>();
         let sets = ns.api::<StatefulSet>();
         create(&cms, config_map("app-config", json!({"greeting": "v1"}))).await?;
-        let mut manifest = web(2);
+        let mut manifest = web(1);
         manifest["kind"] = json!("StatefulSet");
         manifest["metadata"]["name"] = json!("db");
         let spec = manifest["spec"].as_object_mut().context("spec")?;
@@ -623,6 +623,27 @@ async fn a_statefulset_in_snapshot_mode_pins_each_revision_and_rolls_back_with_i
                 == Some("v1"),
             "snapshot A no longer holds v1"
         );
+        // v3 with revisionHistoryLimit 1: the StatefulSet keeps A's revision (the newest old
+        // one, after the rollback) and prunes B's, and the garbage collector takes B with it.
+        merge_patch(&cms, "app-config", json!({"data": {"greeting": "v3"}})).await?;
+        let c = wait_for("a third pin", DEADLINE, || async {
+            Ok(match pin_of(&sets.get("db").await?) {
+                Some(p) if p != a && p != b => Ok(p),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .await?;
+        settled(c.clone()).await?;
+        wait_for("snapshot B to be collected", DEADLINE, || async {
+            Ok(match cms.get_opt(&b).await? {
+                None => Ok(()),
+                Some(cm) => Err(format!("B still owned by {:?}", cm.owner_references())),
+            })
+        })
+        .await?;
+        for kept in [&a, &c] {
+            copy_data(&ns, kept).await?;
+        }
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -994,6 +1015,82 @@ async fn an_appset_with_config_snapshots_pins_each_revision_itself() -> Result<(
     }
     .await;
     ctl.stop().await?;
+    result?;
+    ns.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_optional_source_is_left_as_it_is_until_it_exists_then_pinned() -> Result<()> {
+    let ns = TestNamespace::new("snap-optional").await?;
+    let (rollout, webhook) = start(&ns).await?;
+    let result = async {
+        let cms = ns.api::<ConfigMap>();
+        create(&cms, config_map("app-config", json!({"greeting": "v1"}))).await?;
+        create(
+            &ns.api::<Deployment>(),
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "opt", "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "opt"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "opt"}},
+                        "spec": {"containers": [{
+                            "name": "opt", "image": "nginx:1.27",
+                            "envFrom": [{"configMapRef": {"name": "app-config"}},
+                                        {"configMapRef": {"name": "extra", "optional": true}}]
+                        }]}
+                    }
+                }
+            }),
+        )
+        .await?;
+        let reads = || async {
+            let pods = ns
+                .api::<Pod>()
+                .list(&ListParams::default().labels("app=opt"))
+                .await?;
+            let live: Vec<Vec<String>> = pods
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| {
+                    p.spec.as_ref().map_or_else(Vec::new, |s| {
+                        s.containers[0]
+                            .env_from
+                            .iter()
+                            .flatten()
+                            .filter_map(|e| e.config_map_ref.as_ref().map(|r| r.name.clone()))
+                            .collect()
+                    })
+                })
+                .collect();
+            anyhow::Ok(live)
+        };
+        let first = wait_for("the pod with the required source pinned", DEADLINE, || async {
+            let live = reads().await?;
+            Ok(match live.as_slice() {
+                [names] if names[0] != "app-config" && names[1] == "extra" => Ok(names.clone()),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .await?;
+        create(&cms, config_map("extra", json!({"more": "yes"}))).await?;
+        wait_for("the optional source pinned once it exists", DEADLINE, || async {
+            let live = reads().await?;
+            Ok(match live.as_slice() {
+                [names] if names[0] == first[0] && names[1].starts_with("extra-") => Ok(()),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rollout.stop().await?;
+    webhook.stop().await?;
     result?;
     ns.cleanup().await;
     Ok(())
