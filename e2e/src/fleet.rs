@@ -27,7 +27,6 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
-use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -223,20 +222,8 @@ impl Fleet {
         let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
         // The balancer's port is known only once it listens; the configuration needs it.
         let balancer = Balancer::start(addrs.clone(), configs.clone(), name.clone()).await?;
-        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
-            "webhooks": [{
-                "name": "inject.appset.dev",
-                "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate-pods", balancer.addr.port())},
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
-                "failurePolicy": "Fail",
-                "sideEffects": "None",
-                "reinvocationPolicy": "IfNeeded",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 10
-            }]
-        }))?;
+        let mwc =
+            crate::runners::webhook_configuration(&name, &ns.name, balancer.addr.port(), false)?;
         configs
             .create(&PostParams::default(), &mwc)
             .await

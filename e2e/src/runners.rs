@@ -235,6 +235,48 @@ pub async fn metrics_of(probe: &Probe) -> Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The tests' MutatingWebhookConfiguration `name`: pods created in `namespace` (selected by
+/// `kubernetes.io/metadata.name`, `failurePolicy: Fail`) go to `https://127.0.0.1:<port>`
+/// `/mutate-pods`, and, with `pin_config`, pods pinned to config snapshots also to
+/// `/pin-config`, selected by the chart's `matchConditions`. The webhook fills in `caBundle`.
+pub fn webhook_configuration(
+    name: &str,
+    namespace: &str,
+    port: u16,
+    pin_config: bool,
+) -> Result<MutatingWebhookConfiguration> {
+    let entry = |name: &str, path: &str| {
+        json!({
+            "name": name,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "reinvocationPolicy": "IfNeeded",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10
+        })
+    };
+    let mut webhooks = vec![entry("inject.appset.dev", "/mutate-pods")];
+    if pin_config {
+        // As the chart does: only pods that carry snapshot pins, and no AppSet's.
+        let mut pin = entry("pin.appset.dev", "/pin-config");
+        pin["matchConditions"] = json!([{
+            "name": "pinned-to-config-snapshots",
+            "expression": format!("has(object.metadata.annotations) && '{}' in object.metadata.annotations", appset_crds::keys::CONFIG_SNAPSHOTS)
+        }, {
+            "name": "not-an-appset-pod",
+            "expression": format!("!has(object.metadata.labels) || !('{}' in object.metadata.labels)", appset_crds::keys::APPSET_NAME_LABEL)
+        }]);
+        webhooks.push(pin);
+    }
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
+        "webhooks": webhooks
+    }))?)
+}
+
 /// What a [`Webhook`] runner serves beyond injection.
 #[derive(Debug, Default, Clone)]
 pub struct WebhookOptions {
@@ -283,36 +325,7 @@ impl Webhook {
         let addr = listener.local_addr()?;
         let name = format!("appset-webhook-{}", ns.name);
         let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
-        let entry = |name: &str, path: &str| {
-            json!({
-                "name": name,
-                "clientConfig": {"url": format!("https://127.0.0.1:{}{path}", addr.port())},
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
-                "failurePolicy": "Fail",
-                "sideEffects": "None",
-                "reinvocationPolicy": "IfNeeded",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 10
-            })
-        };
-        let mut webhooks = vec![entry("inject.appset.dev", "/mutate-pods")];
-        if pin_config {
-            // As the chart does: only pods that carry snapshot pins are sent.
-            let mut pin = entry("pin.appset.dev", "/pin-config");
-            pin["matchConditions"] = json!([{
-                "name": "pinned-to-config-snapshots",
-                "expression": format!("has(object.metadata.annotations) && '{}' in object.metadata.annotations", appset_crds::keys::CONFIG_SNAPSHOTS)
-            }, {
-                "name": "not-an-appset-pod",
-                "expression": format!("!has(object.metadata.labels) || !('{}' in object.metadata.labels)", appset_crds::keys::APPSET_NAME_LABEL)
-            }]);
-            webhooks.push(pin);
-        }
-        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
-            "webhooks": webhooks
-        }))?;
+        let mwc = webhook_configuration(&name, &ns.name, addr.port(), pin_config)?;
         configs
             .create(&PostParams::default(), &mwc)
             .await

@@ -1076,19 +1076,7 @@ async fn a_webhook_process_under_abuse_stays_within_its_memory_limit_and_answers
     configs
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": name, "labels": {"appset.dev/e2e": "true"}},
-                "webhooks": [{
-                    "name": "inject.appset.dev",
-                    "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
-                    "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
-                    "failurePolicy": "Fail",
-                    "sideEffects": "None",
-                    "admissionReviewVersions": ["v1"],
-                    "timeoutSeconds": 10
-                }]
-            }))?,
+            &appset_e2e::runners::webhook_configuration(&name, &ns.name, port, false)?,
         )
         .await?;
     let dir = scratch_dir(&ns.name)?;
