@@ -189,6 +189,7 @@ async fn snapshot_mode_copies_before_it_pins_and_hands_the_copies_to_the_replica
         REPLICA_SETS,
         json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
                "metadata": {"name": "web-6d4", "namespace": "ns", "uid": "rs-uid", "resourceVersion": "9",
+                            "labels": {"app": "web", "pod-template-hash": "6d4"},
                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
                                                  "uid": "web-uid", "controller": true}]},
                "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": template}}),
@@ -207,6 +208,16 @@ async fn snapshot_mode_copies_before_it_pins_and_hands_the_copies_to_the_replica
             format!("GET {SECRETS}/{sec}"),
             format!("PUT {SECRETS}/{sec}"),
         ]
+    );
+    let list = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET" && r.path == REPLICA_SETS)
+        .expect("the ReplicaSet list");
+    assert!(
+        list.query.contains("labelSelector=app%3Dweb"),
+        "the ReplicaSets are listed by the Deployment's selector: {}",
+        list.query
     );
     assert_eq!(owners(&fake, CONFIG_MAPS, &cm), ["ReplicaSet/rs-uid"]);
     assert_eq!(owners(&fake, SECRETS, &sec), ["ReplicaSet/rs-uid"]);

@@ -114,15 +114,29 @@ pub async fn reconcile(cached: &AppSet, ctx: &Context) -> Result<Action, Error> 
         .chain([revs.current.clone(), revs.update.clone()])
         .collect();
     let prune = revision::revisions_to_prune(&revs.infos, &live, set.spec.revision_history_limit);
+    let pruned: BTreeSet<String> = prune.iter().cloned().collect();
     execute::prune_revisions(ctx, &t, &revs.listed, prune).await?;
     if set.spec.config_snapshots && ctx.settings.snapshots {
         // The revisions take over the copies they name; the garbage collector removes a copy
         // with the last pruned revision that names it.
+        // The revisions listed above, less those just pruned (a newly made one is taken over
+        // at the next reconcile).
+        let kept: Vec<_> = revs
+            .listed
+            .iter()
+            .filter(|r| {
+                r.metadata
+                    .name
+                    .as_ref()
+                    .is_some_and(|n| !pruned.contains(n))
+            })
+            .cloned()
+            .collect();
         let adoption = snapshot::adopt(
             &ctx.client,
             &t.ns,
             &t.uid,
-            snapshot::Revisions::ControllerRevisions,
+            snapshot::pinned_revisions(&kept, &t.uid),
         )
         .await
         .map_err(|source| Error::Kube {

@@ -45,7 +45,7 @@ use crate::confighash::hash;
 use crate::confighash::live::LiveKeyring;
 use crate::confighash::rotation::{Digests, Observed};
 use crate::kubeapi::{self, Namespaced, Scope};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
 /// The name the controller reports Events as.
 pub const CONTROLLER_NAME: &str = "appset-config-rollout";
@@ -128,12 +128,17 @@ pub trait Workload: Namespaced + Serialize {
     const KIND: WorkloadKind;
     /// Its pod template.
     fn template(&self) -> &PodTemplateSpec;
+    /// Its pod selector (also on its ReplicaSets or ControllerRevisions).
+    fn selector(&self) -> &LabelSelector;
 }
 
 impl Workload for Deployment {
     const KIND: WorkloadKind = WorkloadKind::Deployment;
     fn template(&self) -> &PodTemplateSpec {
         &self.spec.template
+    }
+    fn selector(&self) -> &LabelSelector {
+        &self.spec.selector
     }
 }
 
@@ -142,12 +147,18 @@ impl Workload for StatefulSet {
     fn template(&self) -> &PodTemplateSpec {
         &self.spec.template
     }
+    fn selector(&self) -> &LabelSelector {
+        &self.spec.selector
+    }
 }
 
 impl Workload for DaemonSet {
     const KIND: WorkloadKind = WorkloadKind::DaemonSet;
     fn template(&self) -> &PodTemplateSpec {
         &self.spec.template
+    }
+    fn selector(&self) -> &LabelSelector {
+        &self.spec.selector
     }
 }
 
@@ -360,6 +371,18 @@ async fn adopt_snapshots<K: Workload>(
         WorkloadKind::Deployment => snapshot::Revisions::ReplicaSets,
         _ => snapshot::Revisions::ControllerRevisions,
     };
+    let revisions = snapshot::list_revisions(
+        &ctx.client,
+        &wref.namespace,
+        &uid,
+        revisions,
+        obj.selector(),
+    )
+    .await
+    .map_err(|source| Error::Snapshot {
+        namespace: wref.namespace.clone(),
+        source,
+    })?;
     let adoption = snapshot::adopt(&ctx.client, &wref.namespace, &uid, revisions)
         .await
         .map_err(|source| Error::Snapshot {

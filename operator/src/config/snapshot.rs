@@ -37,7 +37,7 @@ use appset_crds::keys;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{ControllerRevision, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
 
@@ -353,55 +353,76 @@ pub fn revision_pins(cr: &ControllerRevision) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Every revision of the workload `workload_uid` with the pins its template carries.
-async fn revisions(
+/// The revisions among `listed` that the workload `workload_uid` owns and whose template carries
+/// pins: each as an owner reference, with its pins.
+pub fn pinned_revisions(
+    listed: &[ControllerRevision],
+    workload_uid: &str,
+) -> Vec<(OwnerReference, String)> {
+    listed
+        .iter()
+        .filter(|cr| owned_by(&cr.metadata, workload_uid))
+        .filter_map(|cr| {
+            Some((
+                owner_of("ControllerRevision", &cr.metadata)?,
+                revision_pins(cr)?,
+            ))
+        })
+        .collect()
+}
+
+fn owned_by(meta: &ObjectMeta, workload_uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == workload_uid)
+}
+
+/// Lists the revisions of the workload `workload_uid` (those matching its pod `selector`, which
+/// its revisions carry as labels) with the pins their templates carry.
+pub async fn list_revisions(
     client: &Client,
     namespace: &str,
     workload_uid: &str,
     kind: Revisions,
+    selector: &LabelSelector,
 ) -> Result<Vec<(OwnerReference, String)>, kube::Error> {
-    let owned = |meta: &ObjectMeta| {
-        meta.owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.uid == workload_uid)
-    };
-    let mut out = Vec::new();
+    let mut params = ListParams::default();
+    if let Ok(selector) = kube::core::Selector::try_from(selector.clone()) {
+        params = params.labels_from(&selector);
+    }
     match kind {
         Revisions::ReplicaSets => {
             let api: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
-            for rs in api.list(&ListParams::default()).await? {
-                let pins = rs
-                    .spec
-                    .template
-                    .as_ref()
-                    .and_then(|t| t.metadata.as_ref())
-                    .and_then(|m| m.annotations.as_ref())
-                    .and_then(|a| a.get(keys::CONFIG_SNAPSHOTS))
-                    .cloned();
-                if let (true, Some(pins), Some(owner)) = (
-                    owned(&rs.metadata),
-                    pins,
-                    owner_of("ReplicaSet", &rs.metadata),
-                ) {
-                    out.push((owner, pins));
-                }
-            }
+            Ok(api
+                .list(&params)
+                .await?
+                .items
+                .iter()
+                .filter(|rs| owned_by(&rs.metadata, workload_uid))
+                .filter_map(|rs| {
+                    let pins = rs
+                        .spec
+                        .template
+                        .as_ref()?
+                        .metadata
+                        .as_ref()?
+                        .annotations
+                        .as_ref()?
+                        .get(keys::CONFIG_SNAPSHOTS)?
+                        .clone();
+                    Some((owner_of("ReplicaSet", &rs.metadata)?, pins))
+                })
+                .collect())
         }
         Revisions::ControllerRevisions => {
             let api: Api<ControllerRevision> = Api::namespaced(client.clone(), namespace);
-            for cr in api.list(&ListParams::default()).await? {
-                if let (true, Some(pins), Some(owner)) = (
-                    owned(&cr.metadata),
-                    revision_pins(&cr),
-                    owner_of("ControllerRevision", &cr.metadata),
-                ) {
-                    out.push((owner, pins));
-                }
-            }
+            Ok(pinned_revisions(
+                &api.list(&params).await?.items,
+                workload_uid,
+            ))
         }
     }
-    Ok(out)
 }
 
 /// The owners a copy should have: the ReplicaSets naming it, and the workload only while none
@@ -425,16 +446,17 @@ pub fn owners_wanted(
     (!same).then_some(out)
 }
 
-/// Gives every copy named by a revision of the workload (`workload_uid`) that revision as an
-/// owner, and drops the workload's ownership of copies a revision holds.
+/// Gives every copy named by one of the workload's (`workload_uid`) `revisions` (from
+/// [`list_revisions`] or [`pinned_revisions`]) that revision as an owner, and drops the
+/// workload's ownership of copies a revision holds.
 pub async fn adopt(
     client: &Client,
     namespace: &str,
     workload_uid: &str,
-    kind: Revisions,
+    revisions: Vec<(OwnerReference, String)>,
 ) -> Result<Adoption, kube::Error> {
     let mut by_copy: BTreeMap<(SourceKind, String), Vec<OwnerReference>> = BTreeMap::new();
-    for (owner, pins) in revisions(client, namespace, workload_uid, kind).await? {
+    for (owner, pins) in revisions {
         for copy in copies_named(&pins) {
             by_copy.entry(copy).or_default().push(owner.clone());
         }
