@@ -236,20 +236,17 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
                 "admission reviews need a client certificate of the configured client CA\n",
             )
         }
-        (&Method::POST, "/mutate-pods") => match read_body(&state, req).await {
-            Ok(body) => review(&state, &body),
-            Err(refusal) => {
-                state.metrics.error("body", 0.0);
-                refusal
+        (&Method::POST, path @ ("/mutate-pods" | "/pin-config")) => {
+            let pin = path == "/pin-config";
+            match read_body(&state, req).await {
+                Ok(body) if pin => pin_review(&state, &body),
+                Ok(body) => review(&state, &body),
+                Err(refusal) => {
+                    state.metrics.error("body", 0.0);
+                    refusal
+                }
             }
-        },
-        (&Method::POST, "/pin-config") => match read_body(&state, req).await {
-            Ok(body) => pin_review(&state, &body),
-            Err(refusal) => {
-                state.metrics.error("body", 0.0);
-                refusal
-            }
-        },
+        }
         // The webhook registers no heartbeats yet: /healthz says the server answers.
         (&Method::GET, "/healthz") => answer(admin::healthz(&NO_LOOPS)),
         (&Method::GET, "/readyz") => answer(state.readyz()),

@@ -114,6 +114,10 @@ pub struct TlsManager {
     metrics: TlsMetrics,
     /// The sound material this replica last served: what a damaged Secret is restored from.
     served: Mutex<Option<Material>>,
+    /// The configuration as [`Self::reconcile_material`] read it, for the publication that
+    /// follows in the same pass (taken once; a write based on it is guarded by its
+    /// `resourceVersion`), so a pass reads the configuration once.
+    read_back: Mutex<Option<Option<MutatingWebhookConfiguration>>>,
 }
 
 /// What the configuration showed when it was read back.
@@ -174,6 +178,7 @@ impl TlsManager {
             resolver,
             metrics,
             served: Mutex::new(None),
+            read_back: Mutex::new(None),
         }
     }
 
@@ -195,6 +200,9 @@ impl TlsManager {
             .get_opt(name)
             .await
             .map_err(|e| TlsError::Api("reading the MutatingWebhookConfiguration", e))?;
+        if let Ok(mut read_back) = self.read_back.lock() {
+            *read_back = Some(cfg.clone());
+        }
         Ok(Published {
             revision: cfg.as_ref().map_or(0, bundle_revision),
             bundles: cfg.map(|c| {
@@ -387,13 +395,16 @@ impl TlsManager {
             return Ok(());
         };
         let wanted = ByteString(material.bundle().into_bytes());
+        let mut read_back = self.read_back.lock().ok().and_then(|mut r| r.take());
         for _ in 0..8 {
-            let Some(mut cfg) = self
-                .configs
-                .get_opt(name)
-                .await
-                .map_err(|e| TlsError::Api("reading the MutatingWebhookConfiguration", e))?
-            else {
+            let read =
+                match read_back.take() {
+                    Some(read) => read,
+                    None => self.configs.get_opt(name).await.map_err(|e| {
+                        TlsError::Api("reading the MutatingWebhookConfiguration", e)
+                    })?,
+                };
+            let Some(mut cfg) = read else {
                 return Err(TlsError::ConfigurationMissing(name.clone()));
             };
             let mut changed = false;
