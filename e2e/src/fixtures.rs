@@ -285,3 +285,49 @@ mod tests {
         Ok(())
     }
 }
+
+/// A Deployment `api` of one pod in config snapshot mode whose container reads `password` from
+/// the Secret `db` through `env.valueFrom` (the snapshot tests' Secret reader).
+pub fn secret_reader() -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "api", "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "api"}},
+            "template": {
+                "metadata": {"labels": {"app": "api"}},
+                "spec": {"containers": [{
+                    "name": "api", "image": "nginx:1.27",
+                    "env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]
+                }]}
+            }
+        }
+    })
+}
+
+/// The Secret each live pod of [`secret_reader`] reads its password from.
+pub async fn secrets_read(pods: &Api<k8s_openapi::api::core::v1::Pod>) -> Result<Vec<String>> {
+    let list = pods
+        .list(&kube::api::ListParams::default().labels("app=api"))
+        .await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            p.spec
+                .as_ref()?
+                .containers
+                .first()?
+                .env
+                .as_ref()?
+                .first()?
+                .value_from
+                .as_ref()?
+                .secret_key_ref
+                .as_ref()
+                .map(|r| r.name.clone())
+        })
+        .collect())
+}

@@ -368,7 +368,6 @@ async fn the_operator_never_logs_the_value_of_a_secret_it_snapshots() -> Result<
     use appset_e2e::runners::{Webhook, WebhookOptions};
     use base64::Engine;
     use k8s_openapi::api::core::v1::Pod;
-    use kube::api::ListParams;
     const CANARIES: [&str; 2] = ["canary-2b7e151628aed2a6", "canary-abf7158809cf4f3c"];
     let ns = TestNamespace::new("op-snap-log").await?;
     let webhook = Webhook::start_with(
@@ -403,42 +402,16 @@ async fn the_operator_never_logs_the_value_of_a_secret_it_snapshots() -> Result<
         .await?;
         create(
             &ns.api::<Deployment>(),
-            json!({
-                "apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": "api", "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}},
-                "spec": {
-                    "replicas": 1,
-                    "selector": {"matchLabels": {"app": "api"}},
-                    "template": {
-                        "metadata": {"labels": {"app": "api"}},
-                        "spec": {"containers": [{
-                            "name": "api", "image": "nginx:1.27",
-                            "env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]
-                        }]}
-                    }
-                }
-            }),
+            appset_e2e::fixtures::secret_reader(),
         )
         .await?;
+        let pods = ns.api::<Pod>();
         let reads = |not: Option<String>| {
-            let ns = &ns;
+            let pods = &pods;
             async move {
                 wait_for("the pod reading a snapshot", Duration::from_secs(90), || async {
-                    let pods = ns.api::<Pod>().list(&ListParams::default().labels("app=api")).await?;
-                    let names: Vec<String> = pods
-                        .items
-                        .iter()
-                        .filter(|p| p.metadata.deletion_timestamp.is_none())
-                        .filter_map(|p| {
-                            p.spec.as_ref()?.containers[0].env.as_ref()?[0]
-                                .value_from
-                                .as_ref()?
-                                .secret_key_ref
-                                .as_ref()
-                                .map(|r| r.name.clone())
-                        })
-                        .collect();
-                    Ok(match names.as_slice() {
+                    let read = appset_e2e::fixtures::secrets_read(pods).await?;
+                    Ok(match read.as_slice() {
                         [n] if n != "db" && not.as_ref() != Some(n) => Ok(n.clone()),
                         other => Err(format!("{other:?}")),
                     })

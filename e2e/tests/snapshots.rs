@@ -391,41 +391,23 @@ async fn a_secret_snapshot_is_immutable_of_the_same_type_and_its_value_stays_ins
         create(&ns.api::<Secret>(), s).await?;
         create(
             &ns.api::<Deployment>(),
-            json!({
-                "apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": "api", "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_SNAPSHOT}},
-                "spec": {
-                    "replicas": 1,
-                    "selector": {"matchLabels": {"app": "api"}},
-                    "template": {
-                        "metadata": {"labels": {"app": "api"}},
-                        "spec": {"containers": [{
-                            "name": "api", "image": "nginx:1.27",
-                            "env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]
-                        }]}
-                    }
-                }
-            }),
+            appset_e2e::fixtures::secret_reader(),
         )
         .await?;
+        let pods = ns.api::<Pod>();
         let copy = wait_for("a pod reading the snapshot", DEADLINE, || async {
-            let pods = ns.api::<Pod>().list(&ListParams::default().labels("app=api")).await?;
-            let name = pods.items.first().and_then(|p| {
-                p.spec.as_ref()?.containers[0].env.as_ref()?[0]
-                    .value_from
-                    .as_ref()?
-                    .secret_key_ref
-                    .as_ref()
-                    .map(|r| r.name.clone())
-            });
-            Ok(match name {
-                Some(n) if n != "db" => Ok(n),
+            let read = appset_e2e::fixtures::secrets_read(&pods).await?;
+            Ok(match read.as_slice() {
+                [n] if n != "db" => Ok(n.clone()),
                 other => Err(format!("reads {other:?}")),
             })
         })
         .await?;
         let snap = ns.api::<Secret>().get(&copy).await?;
-        ensure!(snap.immutable == Some(true), "the snapshot is not immutable");
+        ensure!(
+            snap.immutable == Some(true),
+            "the snapshot is not immutable"
+        );
         ensure!(
             snap.type_.as_deref() == Some("kubernetes.io/basic-auth"),
             "the snapshot's type is {:?}",
@@ -447,7 +429,12 @@ async fn a_secret_snapshot_is_immutable_of_the_same_type_and_its_value_stays_ins
             .api::<k8s_openapi::api::core::v1::Event>()
             .list(&ListParams::default())
             .await?;
-        seen.extend(events.items.iter().map(|e| serde_json::to_string(e).unwrap_or_default()));
+        seen.extend(
+            events
+                .items
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap_or_default()),
+        );
         let deploy = ns.api::<Deployment>().get("api").await?;
         seen.push(serde_json::to_string(&deploy)?);
         for pod in ns.api::<Pod>().list(&ListParams::default()).await? {
