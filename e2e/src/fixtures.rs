@@ -258,34 +258,6 @@ pub async fn wait_settled(
     .await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merge_merges_objects_and_replaces_the_rest() {
-        let mut base = json!({"a": {"b": 1, "c": [1]}, "d": 1});
-        merge(
-            &mut base,
-            json!({"a": {"c": [2], "e": null}, "d": {"x": 1}}),
-        );
-        assert_eq!(
-            base,
-            json!({"a": {"b": 1, "c": [2], "e": null}, "d": {"x": 1}})
-        );
-    }
-
-    #[test]
-    fn an_appset_and_a_statefulset_share_the_spec() -> Result<()> {
-        let set = appset("web", 3, json!({"podManagementPolicy": "Parallel"}))?;
-        assert_eq!(set.spec.replicas, 3);
-        let sts = statefulset("web", claimed_set_spec("web", 3, "nginx:1.27"))?;
-        assert_eq!(sts.spec.replicas, Some(3));
-        assert_eq!(sts.spec.volume_claim_templates.map(|v| v.len()), Some(1));
-        Ok(())
-    }
-}
-
 /// A Deployment `api` of one pod in config snapshot mode whose container reads `password` from
 /// the Secret `db` through `env.valueFrom` (the snapshot tests' Secret reader).
 pub fn secret_reader() -> Value {
@@ -330,4 +302,32 @@ pub async fn secrets_read(pods: &Api<k8s_openapi::api::core::v1::Pod>) -> Result
                 .map(|r| r.name.clone())
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_merges_objects_and_replaces_the_rest() {
+        let mut base = json!({"a": {"b": 1, "c": [1]}, "d": 1});
+        merge(
+            &mut base,
+            json!({"a": {"c": [2], "e": null}, "d": {"x": 1}}),
+        );
+        assert_eq!(
+            base,
+            json!({"a": {"b": 1, "c": [2], "e": null}, "d": {"x": 1}})
+        );
+    }
+
+    #[test]
+    fn an_appset_and_a_statefulset_share_the_spec() -> Result<()> {
+        let set = appset("web", 3, json!({"podManagementPolicy": "Parallel"}))?;
+        assert_eq!(set.spec.replicas, 3);
+        let sts = statefulset("web", claimed_set_spec("web", 3, "nginx:1.27"))?;
+        assert_eq!(sts.spec.replicas, Some(3));
+        assert_eq!(sts.spec.volume_claim_templates.map(|v| v.len()), Some(1));
+        Ok(())
+    }
 }
