@@ -22,8 +22,16 @@ pub const CONFIG_ROLLOUT_SECRETS: &str = "appset.dev/config-rollout-secrets";
 /// Written by the operator into `spec.template.metadata.annotations`: the keyed digest of the
 /// referenced data. It changes only when the data changes, and reveals nothing about it.
 pub const CONFIG_HASH: &str = "appset.dev/config-hash";
-/// Written by the operator on the workload's own metadata: the digest it last observed, so a
-/// restart or a first adoption records a baseline instead of rolling the workload.
+/// Label written by the operator on the workload's own metadata: the digest it last observed
+/// (`<key id>.<first 46 hex digits of the digest>`), so a restart or a first adoption records a
+/// baseline instead of rolling the workload. A label, not an annotation: changing a
+/// Deployment's annotations bumps its `generation` and is copied onto its ReplicaSet by
+/// kube-controller-manager, while a label change does neither.
+pub const CONFIG_BASELINE: &str = "appset.dev/config-baseline";
+/// The annotation that held the baseline before [`CONFIG_BASELINE`] (full digest,
+/// `<key id>:<digest>`). Still read, so an upgrade neither rolls nor rewrites anything; the
+/// operator stops sending it at its next write to the workload, and server-side apply then
+/// removes it.
 pub const CONFIG_HASH_OBSERVED: &str = "appset.dev/config-hash-observed";
 
 /// The value of [`CONFIG_ROLLOUT`] that discovers as `"auto"` does and, in addition, pins every

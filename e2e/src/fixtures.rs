@@ -158,8 +158,23 @@ pub fn annotation<K: Resource>(obj: &K, key: &str) -> Option<String> {
         .and_then(|a| a.get(key).cloned())
 }
 
+/// The config rollout baseline recorded on `obj` (the `appset.dev/config-baseline` label).
+pub fn baseline<K: Resource>(obj: &K) -> Option<String> {
+    obj.meta()
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(keys::CONFIG_BASELINE).cloned())
+}
+
+/// The baseline label that stands for a template's config hash (`<key id>:<digest>`):
+/// `<key id>.<first 46 hex digits>`.
+pub fn baseline_for_hash(hash: &str) -> String {
+    let (key, digest) = hash.split_once(':').unwrap_or((hash, ""));
+    format!("{key}.{}", &digest[..digest.len().min(46)])
+}
+
 /// Waits (up to a minute) until config rollout has recorded a baseline on `name`
-/// (`appset.dev/config-hash-observed`); returns the object then.
+/// (the `appset.dev/config-baseline` label); returns the object then.
 pub async fn wait_adopted<K>(api: &Api<K>, name: &str) -> Result<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
@@ -169,7 +184,7 @@ where
         Duration::from_secs(60),
         || async {
             let obj = api.get(name).await?;
-            Ok(match annotation(&obj, keys::CONFIG_HASH_OBSERVED) {
+            Ok(match baseline(&obj) {
                 Some(_) => Ok(obj),
                 None => Err("no baseline yet".to_string()),
             })

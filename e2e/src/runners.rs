@@ -217,6 +217,24 @@ impl ConfigRollout {
         self.metrics.reconciles.get_or_create(&kind.into()).get()
     }
 
+    /// Baselines written so far for `kind` (writes that roll nothing).
+    pub fn baselines(&self, kind: WorkloadKind) -> u64 {
+        self.metrics.baselines.get_or_create(&kind.into()).get()
+    }
+
+    /// Sources read with a GET so far for `kind`.
+    pub fn source_reads(&self, kind: WorkloadKind) -> u64 {
+        self.metrics.source_reads.get_or_create(&kind.into()).get()
+    }
+
+    /// Reconciles so far for `kind` that reused remembered digests and read no source.
+    pub fn digests_reused(&self, kind: WorkloadKind) -> u64 {
+        self.metrics
+            .digests_reused
+            .get_or_create(&kind.into())
+            .get()
+    }
+
     /// Stops the controller and waits for it to end.
     pub async fn stop(self) -> Result<()> {
         self.task.stop("the config rollout controller").await

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use appset_e2e::fixtures::wait_adopted;
+use appset_e2e::fixtures::{baseline, wait_adopted};
 use appset_e2e::process::{
     Process, binary, free_port, run, run_ok, scratch_dir, service_account_kubeconfig,
 };
@@ -289,11 +289,10 @@ async fn chart_rbac_is_sufficient_and_minimal_and_uninstall_is_clean() -> Result
         Duration::from_secs(60),
         || async {
             let d = deployments.get("app").await?;
-            let seen = d.metadata.annotations.unwrap_or_default();
-            Ok(if seen.contains_key("appset.dev/config-hash-observed") {
+            Ok(if baseline(&d).is_some() {
                 Ok(())
             } else {
-                Err(format!("annotations {seen:?}"))
+                Err(format!("labels {:?}", d.metadata.labels))
             })
         },
     )

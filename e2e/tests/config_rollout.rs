@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use appset_crds::keys;
 use appset_e2e::fixtures::{
-    annotation, auto, config_map, create, deployment, merge_patch, pod_template, secret,
-    template_hash, wait_adopted,
+    auto, baseline, baseline_for_hash, config_map, create, deployment, merge_patch, pod_template,
+    secret, template_hash, wait_adopted,
 };
 use appset_e2e::runners::ConfigRollout;
 use appset_e2e::{TestNamespace, wait_for};
@@ -127,7 +127,7 @@ async fn editing_a_configmap_rolls_a_deployment() -> Result<()> {
     wait_replica_sets(&ns, "web", 2).await?;
     let rolled = deploys.get("web").await?;
     let hash = template_hash(&rolled).context("the pod template carries the config hash")?;
-    assert_eq!(Some(hash), annotation(&rolled, keys::CONFIG_HASH_OBSERVED));
+    assert_eq!(Some(baseline_for_hash(&hash)), baseline(&rolled));
     let event = wait_event(&ns, "web", "ConfigChanged").await?;
     let note = event.note.unwrap_or_default();
     assert!(note.contains("ConfigMap web-config"), "{note}");
@@ -275,7 +275,7 @@ async fn editing_a_secret_rolls_only_for_the_keys_used() -> Result<()> {
     )
     .await?;
     let adopted = wait_adopted(&deploys, "api").await?;
-    let baseline = annotation(&adopted, keys::CONFIG_HASH_OBSERVED).unwrap_or_default();
+    let baseline = baseline(&adopted).unwrap_or_default();
     assert!(
         !baseline.contains("s3cret"),
         "the digest must not reveal the value"
@@ -369,12 +369,76 @@ async fn restarting_the_operator_rolls_nothing() -> Result<()> {
         deployment("app", auto(), json!({"container": {"env": [{"name": "K", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "k"}}}]}})),
     )
     .await?;
+    wait_replica_sets(&ns, "app", 1).await?;
+    // kube-controller-manager's own writes (the ReplicaSet's status) end when its pod is
+    // available.
+    wait_for("the ReplicaSet's pod available", DEADLINE, || async {
+        let rs = replica_sets(&ns, "app").await?;
+        let available = rs
+            .iter()
+            .map(|r| {
+                r.status
+                    .as_ref()
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0)
+            })
+            .sum::<i32>();
+        Ok(if available >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{available} available"))
+        })
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let generation = deploys.get("app").await?.metadata.generation;
+    let rs_version = |rs: Vec<ReplicaSet>| {
+        rs.into_iter()
+            .map(|r| r.resource_version().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let rs_before = rs_version(replica_sets(&ns, "app").await?);
     let first = start(&ns).await?;
     let adopted = wait_adopted(&deploys, "app").await?;
-    wait_replica_sets(&ns, "app", 1).await?;
+    // The baseline is a label: it neither bumps the Deployment's generation nor reaches its
+    // ReplicaSet, so kube-controller-manager has nothing to copy.
+    assert_eq!(
+        adopted.metadata.generation, generation,
+        "adoption bumped the generation"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rs_version(replica_sets(&ns, "app").await?),
+        rs_before,
+        "the adoption made kube-controller-manager rewrite the ReplicaSet"
+    );
+    // An edit of the Deployment that keeps its references is reconciled without reading any
+    // source again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reused = first.digests_reused(WorkloadKind::Deployment);
+    merge_patch(
+        &deploys,
+        "app",
+        json!({"metadata": {"annotations": {"example.com/owner": "team-a"}}}),
+    )
+    .await?;
+    wait_for("the edit reconciled from memory", DEADLINE, || async {
+        let now = first.digests_reused(WorkloadKind::Deployment);
+        Ok(if now > reused {
+            Ok(())
+        } else {
+            Err(format!("{now} reconciles reused the digests"))
+        })
+    })
+    .await?;
     first.stop().await?;
 
-    let second = start(&ns).await?;
+    // Warmed from LISTs (from one used source on), so the restart GETs no source.
+    let warm = Settings {
+        warm_up_min: 1,
+        ..settings(&ns, false)
+    };
+    let second = ConfigRollout::start(&ns, warm).await?;
     wait_for(
         "the restarted controller to reconcile the Deployment",
         DEADLINE,
@@ -397,12 +461,41 @@ async fn restarting_the_operator_rolls_nothing() -> Result<()> {
     let after = deploys.get("app").await?;
     assert_eq!(template_hash(&after), None);
     assert_eq!(
-        annotation(&after, keys::CONFIG_HASH_OBSERVED),
-        annotation(&adopted, keys::CONFIG_HASH_OBSERVED),
+        baseline(&after),
+        baseline(&adopted),
         "the same key and data give the same baseline"
     );
     assert_eq!(second.rollouts(WorkloadKind::Deployment), 0);
+    assert_eq!(
+        second.baselines(WorkloadKind::Deployment),
+        0,
+        "a restart with nothing changed wrote to the Deployment"
+    );
+    assert_eq!(
+        second.source_reads(WorkloadKind::Deployment),
+        0,
+        "the warmed restart read sources one by one"
+    );
     second.stop().await?;
+
+    // A change made while the operator is stopped is rolled after a warm start: the cache is
+    // filled from what the LIST returns now.
+    merge_patch(&cms, "app", json!({"data": {"k": "changed-while-stopped"}})).await?;
+    let third = ConfigRollout::start(
+        &ns,
+        Settings {
+            warm_up_min: 1,
+            ..settings(&ns, false)
+        },
+    )
+    .await?;
+    wait_replica_sets(&ns, "app", 2).await?;
+    let rolled = deploys.get("app").await?;
+    let hash = template_hash(&rolled).context("the template carries the config hash")?;
+    assert_eq!(Some(baseline_for_hash(&hash)), baseline(&rolled));
+    assert_eq!(third.rollouts(WorkloadKind::Deployment), 1);
+    assert_eq!(third.source_reads(WorkloadKind::Deployment), 0);
+    third.stop().await?;
     ns.cleanup().await;
     Ok(())
 }
@@ -492,7 +585,7 @@ async fn a_workload_without_the_annotation_is_never_touched() -> Result<()> {
 
     let d = deploys.get("untouched").await?;
     assert_eq!(replica_sets(&ns, "untouched").await?.len(), 1);
-    assert_eq!(annotation(&d, keys::CONFIG_HASH_OBSERVED), None);
+    assert_eq!(baseline(&d), None);
     assert_eq!(template_hash(&d), None);
     let managers: Vec<String> = d
         .managed_fields()
@@ -536,11 +629,7 @@ async fn a_missing_required_source_gives_an_event_and_no_crash() -> Result<()> {
         "an optional source is not required: {note}"
     );
     let d = deploys.get("needs-secret").await?;
-    assert_eq!(
-        annotation(&d, keys::CONFIG_HASH_OBSERVED),
-        None,
-        "no baseline while blocked"
-    );
+    assert_eq!(baseline(&d), None, "no baseline while blocked");
     assert!(op.alive(), "the controller must survive a missing source");
 
     // Creating the Secret unblocks: the workload is adopted, not rolled.
@@ -637,7 +726,7 @@ async fn reloader_annotations_are_honoured_only_in_compatibility_mode() -> Resul
     wait_replica_sets(&ns, "native", 2).await?;
     tokio::time::sleep(QUIET).await;
     let ignored = deploys.get("ignored").await?;
-    assert_eq!(annotation(&ignored, keys::CONFIG_HASH_OBSERVED), None);
+    assert_eq!(baseline(&ignored), None);
     assert_eq!(replica_sets(&ns, "ignored").await?.len(), 1);
     plain.stop().await?;
     ns.cleanup().await;
@@ -663,11 +752,7 @@ async fn a_namespace_selector_is_followed_live() -> Result<()> {
     create(&deploys, deployment("web", auto(), env_from)).await?;
     tokio::time::sleep(QUIET).await;
     let d = deploys.get("web").await?;
-    assert_eq!(
-        annotation(&d, keys::CONFIG_HASH_OBSERVED),
-        None,
-        "the namespace is not selected yet"
-    );
+    assert_eq!(baseline(&d), None, "the namespace is not selected yet");
 
     let namespaces: Api<Namespace> = Api::all(ns.client.clone());
     let label =

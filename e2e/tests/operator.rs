@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use appset_crds::{AppSet, keys};
+use appset_crds::AppSet;
 use appset_e2e::fixtures::{
-    annotation, appset_with_spec, auto, config_map, create, deployment, merge_patch, pod_template,
+    appset_with_spec, auto, baseline, config_map, create, deployment, merge_patch, pod_template,
     template_hash, wait_adopted,
 };
 use appset_e2e::process::{Process, binary, free_port, run_ok, scratch_dir};
@@ -200,7 +200,6 @@ async fn rolled(ns: &TestNamespace) -> Result<Rolled> {
 
 /// Waits until every Deployment's baseline and every AppSet's digest is under key `key_id`.
 async fn all_under(ns: &TestNamespace, key_id: &str) -> Result<()> {
-    let prefix = format!("{key_id}:");
     wait_for(
         &format!("every workload compared under key {key_id}"),
         Duration::from_secs(90),
@@ -212,15 +211,13 @@ async fn all_under(ns: &TestNamespace, key_id: &str) -> Result<()> {
                 .await?
                 .items
             {
-                if !annotation(&d, keys::CONFIG_HASH_OBSERVED)
-                    .is_some_and(|v| v.starts_with(&prefix))
-                {
+                if !baseline(&d).is_some_and(|v| v.starts_with(&format!("{key_id}."))) {
                     behind.push(d.name_any());
                 }
             }
             for s in ns.api::<AppSet>().list(&Default::default()).await?.items {
                 let digest = s.status.as_ref().and_then(|st| st.config_digest.clone());
-                if !digest.is_some_and(|v| v.starts_with(&prefix)) {
+                if !digest.is_some_and(|v| v.starts_with(&format!("{key_id}:"))) {
                     behind.push(s.name_any());
                 }
             }

@@ -11,9 +11,16 @@
 //!
 //! The subscribers' channels are bounded: when a controller falls behind, the watch waits
 //! (the API server's stream is read more slowly) instead of queueing without limit.
+//!
+//! The watch also keeps [`SourceVersions`]: the `resourceVersion` of every ConfigMap and Secret
+//! in scope as it last saw it (pruned to what each relist returned, so a source deleted during
+//! a watch gap leaves it), and which parts have been listed once. Config rollout keeps each
+//! source's digest for as long as its version there stays the same
+//! ([`crate::config::sourcecache`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::{Arc, RwLock};
 
 use appset_process::readiness::ReadyHandle;
 use futures::channel::mpsc;
@@ -46,9 +53,81 @@ struct Part {
     subscribers: Vec<mpsc::Sender<SourceChange>>,
 }
 
+/// A source's kind, namespace and name.
+pub type SourceKey = (SourceKind, String, String);
+
+#[derive(Debug, Default)]
+struct VersionTable {
+    versions: HashMap<SourceKey, String>,
+    /// The (kind, part) watches that completed a list at least once.
+    synced: HashSet<(SourceKind, Option<String>)>,
+}
+
+/// The `resourceVersion` of every source in scope as the metadata watch last saw it.
+#[derive(Clone, Debug, Default)]
+pub struct SourceVersions(Arc<RwLock<VersionTable>>);
+
+impl SourceVersions {
+    /// The version last seen of a source; `None` when the watch has not seen it (not listed
+    /// yet, or it does not exist).
+    pub fn get(&self, kind: SourceKind, namespace: &str, name: &str) -> Option<String> {
+        let table = self.0.read().ok()?;
+        table
+            .versions
+            .get(&(kind, namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Whether both kinds' watches of part `namespace` (`None`: the whole cluster) completed a
+    /// list.
+    pub fn synced(&self, namespace: Option<&str>) -> bool {
+        self.0.read().is_ok_and(|t| {
+            [SourceKind::ConfigMap, SourceKind::Secret]
+                .into_iter()
+                .all(|k| t.synced.contains(&(k, namespace.map(String::from))))
+        })
+    }
+
+    /// How many sources it knows.
+    pub fn len(&self) -> usize {
+        self.0.read().map(|t| t.versions.len()).unwrap_or(0)
+    }
+
+    /// Whether it knows no source.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn seen(&self, key: SourceKey, version: Option<String>) {
+        if let Ok(mut t) = self.0.write() {
+            match version {
+                Some(v) => t.versions.insert(key, v),
+                None => t.versions.remove(&key),
+            };
+        }
+    }
+
+    fn deleted(&self, key: &SourceKey) {
+        if let Ok(mut t) = self.0.write() {
+            t.versions.remove(key);
+        }
+    }
+
+    /// After a complete list of `kind` in `part`: drops the sources it did not return.
+    fn listed(&self, kind: SourceKind, part: Option<&str>, listed: &HashSet<SourceKey>) {
+        if let Ok(mut t) = self.0.write() {
+            t.versions.retain(|key, _| {
+                key.0 != kind || part.is_some_and(|ns| key.1 != ns) || listed.contains(key)
+            });
+            t.synced.insert((kind, part.map(String::from)));
+        }
+    }
+}
+
 /// The shared watch, before it runs: subscribe each controller's parts, then [`Self::run`].
 pub struct SourceWatch {
     parts: Vec<Part>,
+    versions: SourceVersions,
 }
 
 impl SourceWatch {
@@ -63,7 +142,13 @@ impl SourceWatch {
                     subscribers: Vec::new(),
                 })
                 .collect(),
+            versions: SourceVersions::default(),
         }
+    }
+
+    /// The versions this watch keeps (filled once it runs).
+    pub fn versions(&self) -> SourceVersions {
+        self.versions.clone()
     }
 
     /// The changes of the part `namespace` (`None`: the whole cluster) of the scope. A part
@@ -104,6 +189,7 @@ impl SourceWatch {
                     (ns, rx)
                 })
                 .collect(),
+            self.versions(),
         )
     }
 
@@ -127,11 +213,13 @@ impl SourceWatch {
                         api_in(client, ns),
                         SourceKind::ConfigMap,
                         ready.also(format!("ConfigMap metadata watch ({place})")),
+                        (self.versions.clone(), part.namespace.clone()),
                     ),
                     changes::<Secret>(
                         api_in(client, ns),
                         SourceKind::Secret,
                         ready.also(format!("Secret metadata watch ({place})")),
+                        (self.versions.clone(), part.namespace.clone()),
                     ),
                 );
                 fan_out(both.take_until(shutdown.clone()), part.subscribers)
@@ -143,10 +231,18 @@ impl SourceWatch {
     }
 }
 
-/// A controller's subscriptions, one per part of the scope.
-pub struct Subscriptions(HashMap<Option<String>, mpsc::Receiver<SourceChange>>);
+/// A controller's subscriptions, one per part of the scope, and the watch's versions.
+pub struct Subscriptions(
+    HashMap<Option<String>, mpsc::Receiver<SourceChange>>,
+    SourceVersions,
+);
 
 impl Subscriptions {
+    /// The versions the watch keeps.
+    pub fn versions(&self) -> SourceVersions {
+        self.1.clone()
+    }
+
     /// The changes of part `namespace`; a part never subscribed yields nothing.
     pub fn take(&mut self, namespace: Option<&str>) -> mpsc::Receiver<SourceChange> {
         self.0
@@ -176,9 +272,31 @@ fn changes<S: Namespaced>(
     api: kube::Api<PartialObjectMeta<S>>,
     kind: SourceKind,
     ready: ReadyHandle,
+    (versions, part): (SourceVersions, Option<String>),
 ) -> impl Stream<Item = Option<SourceChange>> + Send {
     let watch = watcher(api, watcher::Config::default()).backoff(kubeapi::watch_backoff());
-    kubeapi::release_on_sync(watch, ready).map(move |ev| match ev {
+    let mut listing: Option<HashSet<SourceKey>> = None;
+    let key =
+        move |m: &PartialObjectMeta<S>| (kind, m.namespace().unwrap_or_default(), m.name_any());
+    // The versions are updated before the change is sent, so a reconcile it triggers sees them.
+    let track = move |ev: &Result<watcher::Event<PartialObjectMeta<S>>, watcher::Error>| match ev {
+        Ok(watcher::Event::Init) => listing = Some(HashSet::new()),
+        Ok(watcher::Event::InitApply(m)) => {
+            if let Some(l) = listing.as_mut() {
+                l.insert(key(m));
+            }
+            versions.seen(key(m), m.resource_version());
+        }
+        Ok(watcher::Event::Apply(m)) => versions.seen(key(m), m.resource_version()),
+        Ok(watcher::Event::Delete(m)) => versions.deleted(&key(m)),
+        Ok(watcher::Event::InitDone) => {
+            if let Some(l) = listing.take() {
+                versions.listed(kind, part.as_deref(), &l);
+            }
+        }
+        Err(_) => {}
+    };
+    kubeapi::release_on_sync(watch.inspect(track), ready).map(move |ev| match ev {
         // A config snapshot deleted (by hand) counts as a change of its source, so the workloads
         // that use it are reconciled and the current revision's copy is recreated; its other
         // changes (owner references) concern nobody.

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use appset_crds::keys;
 use appset_operator::config::controller::{self, Context, Settings};
+use appset_operator::config::index::{WorkloadKind, WorkloadRef};
 use appset_operator::config::metrics::Metrics;
 use appset_operator::config::rollout::Policy;
 use appset_operator::confighash::keyring::Keyring;
+use appset_operator::confighash::rotation::Observed;
 use appset_operator::kubeapi::Scope;
 use appset_process::readiness::Readiness;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -63,6 +65,7 @@ fn secret() -> Value {
 struct World {
     fake: Fake,
     ctx: Arc<Context>,
+    keyring: Arc<Keyring>,
     running: Running,
 }
 
@@ -92,11 +95,16 @@ impl World {
         let ctx = Arc::new(Context::new(
             running.client.clone(),
             settings,
-            keyring,
+            keyring.clone(),
             recorder,
             Metrics::default(),
         ));
-        Self { fake, ctx, running }
+        Self {
+            fake,
+            ctx,
+            keyring,
+            running,
+        }
     }
 
     async fn reconcile(&self) -> Result<(), controller::Error> {
@@ -121,7 +129,16 @@ impl World {
     }
 
     fn observed(&self) -> Option<String> {
-        self.annotation(&["metadata", "annotations", keys::CONFIG_HASH_OBSERVED])
+        self.annotation(&["metadata", "labels", keys::CONFIG_BASELINE])
+    }
+
+    /// What the source watch does when it sees a source of the Deployment change.
+    fn source_changed(&self) {
+        self.ctx.source_changed(&WorkloadRef {
+            kind: WorkloadKind::Deployment,
+            namespace: "ns".into(),
+            name: "web".into(),
+        });
     }
 
     fn template_hash(&self) -> Option<String> {
@@ -193,11 +210,33 @@ async fn the_first_reconcile_records_a_baseline_with_one_apply_and_no_rollout() 
 }
 
 #[tokio::test]
-async fn unchanged_sources_are_only_read() {
+async fn after_a_source_event_unchanged_sources_are_only_read() {
     let w = World::new();
     w.reconcile().await.expect("the baseline");
+    w.source_changed();
     w.reconcile().await.expect("again");
     w.assert_only_read();
+}
+
+#[tokio::test]
+async fn a_reconcile_that_follows_no_source_event_sends_no_request() {
+    let w = World::new();
+    w.reconcile().await.expect("the baseline");
+    // The echo of the baseline write, or an edit of the Deployment that keeps its references.
+    w.reconcile().await.expect("again");
+    assert_eq!(w.fake.lines(), Vec::<String>::new());
+    // Changed data the watch has not reported yet is read once the event comes.
+    w.fake.put(CONFIG_MAPS, config_map("bonjour"));
+    w.source_changed();
+    w.reconcile().await.expect("after the event");
+    assert_eq!(
+        w.fake.lines(),
+        vec![
+            format!("GET {CONFIG_MAPS}/cfg"),
+            format!("GET {SECRETS}/db"),
+            format!("PATCH {DEPLOYMENTS}/web"),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -206,6 +245,7 @@ async fn a_changed_source_rolls_with_one_apply_of_the_template_hash_and_an_event
     w.reconcile().await.expect("the baseline");
     let baseline = w.observed();
     w.fake.put(CONFIG_MAPS, config_map("bonjour"));
+    w.source_changed();
     w.reconcile().await.expect("the rollout");
     assert_eq!(
         w.fake.lines(),
@@ -218,14 +258,94 @@ async fn a_changed_source_rolls_with_one_apply_of_the_template_hash_and_an_event
     let hash = w
         .template_hash()
         .expect("the template carries the new hash");
-    assert_eq!(w.observed().as_deref(), Some(hash.as_str()));
+    let written = Observed::parse(&hash).map(|o| o.to_label());
+    assert_eq!(
+        w.observed(),
+        written,
+        "the baseline label is the new digest"
+    );
     assert_ne!(w.observed(), baseline);
+    assert!(
+        w.annotation(&["metadata", "annotations", keys::CONFIG_HASH_OBSERVED])
+            .is_none(),
+        "the legacy annotation is not written"
+    );
     assert_eq!(w.fake.events(), ["ConfigChanged"]);
     w.assert_no_secret_value_sent();
 
     // A second reconcile of the rolled Deployment keeps the hash and writes nothing.
+    w.source_changed();
     w.reconcile().await.expect("after the rollout");
     w.assert_only_read();
+}
+
+/// The baseline an older appset recorded for the Deployment's sources as stored now: the
+/// `config-hash-observed` annotation, a digest over all the data at once.
+fn legacy_baseline(w: &World) -> String {
+    use appset_operator::confighash::discovery::KeySet;
+    use appset_operator::confighash::hash::{self, Source};
+    let cm = serde_json::from_value(w.fake.get(CONFIG_MAPS, "cfg").expect("the ConfigMap"))
+        .expect("a ConfigMap");
+    let secret =
+        serde_json::from_value(w.fake.get(SECRETS, "db").expect("the Secret")).expect("a Secret");
+    let password = KeySet::Only(["password".to_string()].into());
+    let sources = [
+        Source::from_config_map(cm, &KeySet::All),
+        Source::from_secret(secret, &password),
+    ];
+    let key = &w.keyring.current;
+    Observed {
+        key_id: key.id().to_string(),
+        digest: hash::digest(key, &sources),
+    }
+    .to_annotation()
+}
+
+#[tokio::test]
+async fn an_upgrade_from_the_legacy_annotation_neither_rolls_nor_writes_until_the_data_changes() {
+    let w = World::new();
+    let mut d = deployment();
+    d["metadata"]["annotations"][keys::CONFIG_HASH_OBSERVED] = json!(legacy_baseline(&w));
+    w.fake.put(DEPLOYMENTS, d);
+    w.reconcile()
+        .await
+        .expect("the first reconcile after the upgrade");
+    w.assert_only_read();
+    assert_eq!(
+        w.observed(),
+        None,
+        "nothing is migrated while nothing changes"
+    );
+
+    // The data changes: one rollout, onto the label; the annotation is no longer sent.
+    w.fake.put(CONFIG_MAPS, config_map("bonjour"));
+    w.source_changed();
+    w.reconcile().await.expect("the rollout");
+    assert_eq!(
+        w.fake.lines(),
+        vec![
+            format!("GET {CONFIG_MAPS}/cfg"),
+            format!("GET {SECRETS}/db"),
+            format!("PATCH {DEPLOYMENTS}/web"),
+        ]
+    );
+    let hash = w.template_hash().expect("rolled");
+    assert_eq!(w.observed(), Observed::parse(&hash).map(|o| o.to_label()));
+    assert_eq!(w.fake.events(), ["ConfigChanged"]);
+}
+
+#[tokio::test]
+async fn a_legacy_annotation_that_no_longer_matches_the_data_rolls_once() {
+    let w = World::new();
+    let mut d = deployment();
+    d["metadata"]["annotations"][keys::CONFIG_HASH_OBSERVED] = json!(legacy_baseline(&w));
+    w.fake.put(DEPLOYMENTS, d);
+    // Changed while the older appset was being replaced.
+    w.fake
+        .put(CONFIG_MAPS, config_map("changed during the upgrade"));
+    w.reconcile().await.expect("the rollout");
+    assert!(w.template_hash().is_some(), "the change was rolled out");
+    assert_eq!(w.fake.events(), ["ConfigChanged"]);
 }
 
 #[tokio::test]
@@ -235,6 +355,7 @@ async fn a_missing_required_source_gives_a_warning_and_no_write() {
     w.fake.fail(404, |r| {
         r.method == "GET" && r.path.ends_with("/configmaps/cfg")
     });
+    w.source_changed();
     w.reconcile()
         .await
         .expect("a missing source is reported, not failed on");

@@ -36,15 +36,18 @@ use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::index::{ReverseIndex, SourceRef, WorkloadKind, WorkloadRef};
+use super::memo::{Memo, Memos};
 use super::metrics::Metrics;
 use super::rollout::{Decision, Input, Policy, WorkloadState};
 use super::snapshot;
+use super::sourcecache::SourceDigests;
 use crate::confighash::discovery::{self, OptIn};
 use crate::confighash::fetch::{self, FetchError};
 use crate::confighash::hash;
 use crate::confighash::live::LiveKeyring;
-use crate::confighash::rotation::{Digests, Observed};
+use crate::confighash::rotation::{self, Digests, Observed};
 use crate::kubeapi::{self, Namespaced, Scope};
+use crate::sourcewatch::SourceVersions;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
 /// The name the controller reports Events as.
@@ -104,10 +107,15 @@ pub struct Settings {
     pub namespace_selector: Option<String>,
     /// Where each watch loop registers its heartbeat (`/healthz`); `None`: not watched.
     pub liveness: Option<appset_process::liveness::Liveness>,
+    /// At start-up, LIST the Secrets (or ConfigMaps) of a part to fill the source digest
+    /// cache when the workloads use at least this many of them; below, the reconciles GET
+    /// them one by one.
+    pub warm_up_min: usize,
 }
 
 impl Default for Settings {
-    /// Every namespace, the default policy, no Reloader compatibility, 16 at once.
+    /// Every namespace, the default policy, no Reloader compatibility, 16 at once, a LIST at
+    /// start-up from 64 used sources of a kind.
     fn default() -> Self {
         Self {
             scope: Scope::All,
@@ -118,6 +126,7 @@ impl Default for Settings {
             instance: None,
             namespace_selector: None,
             liveness: None,
+            warm_up_min: 64,
         }
     }
 }
@@ -169,6 +178,12 @@ pub struct Context {
     pub(crate) keyring: LiveKeyring,
     pub(crate) index: Mutex<ReverseIndex>,
     pub(crate) states: Mutex<HashMap<WorkloadRef, WorkloadState>>,
+    /// The digests of each workload's sources until one of them is seen changing.
+    pub(crate) memos: Mutex<Memos>,
+    /// Each source's own digests while its version stays the same.
+    pub(crate) source_digests: Mutex<SourceDigests>,
+    /// The versions of the sources as the shared metadata watch last saw them.
+    pub(crate) versions: SourceVersions,
     pub(crate) recorder: Recorder,
     pub(crate) metrics: Metrics,
     /// The namespaces matching `settings.namespace_selector`; `None` without a selector.
@@ -194,6 +209,9 @@ impl Context {
             keyring: keyring.into(),
             index: Mutex::new(ReverseIndex::default()),
             states: Mutex::new(HashMap::new()),
+            memos: Mutex::new(Memos::default()),
+            source_digests: Mutex::new(SourceDigests::default()),
+            versions: SourceVersions::default(),
             recorder,
             metrics,
             selected,
@@ -207,6 +225,14 @@ impl Context {
         }
     }
 
+    /// The versions of the sources the metadata watch keeps, so that each source's digest is
+    /// kept while its version stays the same. Without them (the default) every source is read
+    /// at every reconcile that is not answered from the workload's memo.
+    pub fn with_versions(mut self, versions: SourceVersions) -> Self {
+        self.versions = versions;
+        self
+    }
+
     /// Drops everything known about a workload (deleted, or no longer opted in).
     pub(crate) fn forget(&self, workload: &WorkloadRef) {
         if let Ok(mut index) = self.index.lock() {
@@ -215,6 +241,16 @@ impl Context {
         }
         if let Ok(mut states) = self.states.lock() {
             states.remove(workload);
+        }
+        if let Ok(mut memos) = self.memos.lock() {
+            memos.forget(workload);
+        }
+    }
+
+    /// A source `workload` uses was seen changing: what its sources hashed to is read again.
+    pub fn source_changed(&self, workload: &WorkloadRef) {
+        if let Ok(mut memos) = self.memos.lock() {
+            memos.invalidate(workload);
         }
     }
 
@@ -239,6 +275,9 @@ impl Context {
         };
         if let Ok(mut states) = self.states.lock() {
             states.retain(|w, _| keep(w));
+        }
+        if let Ok(mut memos) = self.memos.lock() {
+            memos.retain(keep);
         }
         dropped
     }
@@ -273,7 +312,10 @@ async fn apply_annotations<K: Workload>(
         "kind": K::kind(&()),
         "metadata": {
             "name": name,
-            "annotations": { keys::CONFIG_HASH_OBSERVED: observed.to_annotation() },
+            // A label: unlike an annotation, it neither bumps a Deployment's generation nor is
+            // copied onto its ReplicaSet. The legacy annotation is not sent, so server-side
+            // apply removes it at this write.
+            "labels": { keys::CONFIG_BASELINE: observed.to_label() },
         },
     });
     // Server-side apply removes fields this manager owned and no longer sends, so the
@@ -429,6 +471,9 @@ async fn hash_sources<K: Workload>(
         return Ok(None);
     };
     let refs = opt_in.references(obj.template().spec.as_ref());
+    // Taken before the references are indexed and the sources read: a source event from here
+    // on makes the memo of this read refused (see `memo`).
+    let epoch = ctx.memos.lock().map(|mut m| m.epoch(wref)).unwrap_or(0);
     let names: BTreeSet<SourceRef> = refs
         .names()
         .map(|n| SourceRef::new(&wref.namespace, n))
@@ -437,14 +482,161 @@ async fn hash_sources<K: Workload>(
         index.set(wref, names);
         ctx.metrics.workloads.set(index.len() as i64);
     }
-    let fetched = fetch::sources(&ctx.client, &wref.namespace, &refs).await?;
-    let observed = annotations
-        .get(keys::CONFIG_HASH_OBSERVED)
-        .and_then(|v| Observed::parse(v));
+    let empty_labels = BTreeMap::new();
+    let labels = obj.meta().labels.as_ref().unwrap_or(&empty_labels);
+    let label = labels
+        .get(keys::CONFIG_BASELINE)
+        .and_then(|v| Observed::parse_label(v));
+    // A baseline only in the annotation an older appset wrote: its digest is of the older kind.
+    let legacy = match label {
+        Some(_) => None,
+        None => annotations
+            .get(keys::CONFIG_HASH_OBSERVED)
+            .and_then(|v| Observed::parse(v)),
+    };
     let keyring = ctx.keyring.get();
-    let digests = Digests::of(&keyring, &fetched.sources);
-    let per_source = hash::per_source(&keyring.current, &fetched.sources);
-    let snapshot = snapshot_mode(obj, ctx).await.then(|| {
+    let snapshots = snapshot_mode(obj, ctx).await;
+    // Outside snapshot mode the digests are all that is needed: reuse them while no source
+    // was seen changing. Snapshot mode copies the data, so it always reads it; a legacy
+    // baseline is compared with all the data once.
+    if !snapshots && legacy.is_none() {
+        let remembered = ctx.memos.lock().ok().and_then(|m| {
+            m.get(
+                wref,
+                &refs,
+                keyring.current.id(),
+                keyring.previous.as_ref().map(|k| k.id()),
+            )
+            .cloned()
+        });
+        if let Some(memo) = remembered {
+            ctx.metrics
+                .digests_reused
+                .get_or_create(&K::KIND.into())
+                .inc();
+            return Ok(Some(Hashed {
+                input: Input {
+                    observed: label,
+                    digests: memo.digests,
+                    missing: memo.missing,
+                },
+                per_source: memo.per_source,
+                sources: refs.len(),
+                snapshot: None,
+            }));
+        }
+    }
+    let keys: Vec<&hash::HashKey> = std::iter::once(&keyring.current)
+        .chain(keyring.previous.as_ref())
+        .collect();
+    let key_ids: Vec<&str> = keys.iter().map(|k| k.id()).collect();
+    // Each source's own digest under each key: from the cache when its version is unchanged,
+    // else read.
+    let mut own: BTreeMap<discovery::SourceName, Vec<String>> = BTreeMap::new();
+    let mut to_read = discovery::References::default();
+    let full = snapshots || legacy.is_some();
+    match ctx.source_digests.lock() {
+        Ok(cache) if !full => {
+            for (name, usage) in &refs.sources {
+                let version = ctx.versions.get(name.kind, &wref.namespace, &name.name);
+                let sref = SourceRef::new(&wref.namespace, name);
+                match cache.get(&sref, &usage.keys, version.as_deref(), &key_ids) {
+                    Some(digests) => {
+                        own.insert(name.clone(), digests);
+                    }
+                    None => {
+                        to_read.sources.insert(name.clone(), usage.clone());
+                    }
+                }
+            }
+        }
+        _ => to_read = refs.clone(),
+    }
+    ctx.metrics
+        .source_digests_reused
+        .get_or_create(&K::KIND.into())
+        .inc_by(own.len() as u64);
+    let fetched = if to_read.is_empty() {
+        fetch::Fetched::default()
+    } else {
+        fetch::sources(&ctx.client, &wref.namespace, &to_read).await?
+    };
+    ctx.metrics
+        .source_reads
+        .get_or_create(&K::KIND.into())
+        .inc_by(to_read.len() as u64);
+    for source in &fetched.sources {
+        let name = source.source_name();
+        let digests: Vec<String> = keys
+            .iter()
+            .map(|k| hash::digest(k, std::slice::from_ref(source)))
+            .collect();
+        if let (Some(version), Some(usage), Ok(mut cache)) = (
+            fetched.versions.get(&name),
+            refs.sources.get(&name),
+            ctx.source_digests.lock(),
+        ) {
+            cache.put(
+                SourceRef::new(&wref.namespace, &name),
+                usage.keys.clone(),
+                version.clone(),
+                key_ids
+                    .iter()
+                    .map(|id| id.to_string())
+                    .zip(digests.iter().cloned())
+                    .collect(),
+            );
+        }
+        own.insert(name, digests);
+    }
+    let under = |i: usize| {
+        let parts: Vec<hash::Part<'_>> = own
+            .iter()
+            .filter_map(|(name, d)| {
+                Some(hash::Part {
+                    kind: name.kind,
+                    namespace: &wref.namespace,
+                    name: &name.name,
+                    digest: d.get(i)?,
+                })
+            })
+            .collect();
+        Observed {
+            key_id: key_ids[i].to_string(),
+            digest: hash::combine(keys[i], &parts),
+        }
+    };
+    let digests = Digests {
+        current: under(0),
+        previous: (keys.len() > 1).then(|| under(1)),
+    };
+    let per_source: BTreeMap<discovery::SourceName, String> = own
+        .iter()
+        .filter_map(|(name, d)| Some((name.clone(), d.first()?.clone())))
+        .collect();
+    let observed = match (label, &legacy) {
+        (Some(label), _) => Some(label),
+        (None, Some(old)) => Some(rotation::translate_legacy(
+            old,
+            &Digests::of(&keyring, &fetched.sources),
+            &digests,
+        )),
+        (None, None) => None,
+    };
+    let sources = refs.len();
+    if !snapshots && let Ok(mut memos) = ctx.memos.lock() {
+        memos.put(
+            wref,
+            epoch,
+            Memo {
+                refs,
+                digests: digests.clone(),
+                per_source: per_source.clone(),
+                missing: fetched.missing.clone(),
+            },
+        );
+    }
+    let snapshot = snapshots.then(|| {
         // Only what the pods read is copied: a source listed by annotation alone rolls the
         // workload when it changes, but no pod reads a copy of it.
         let read: BTreeSet<discovery::SourceName> = obj
@@ -464,7 +656,7 @@ async fn hash_sources<K: Workload>(
             missing: fetched.missing,
         },
         per_source,
-        sources: refs.len(),
+        sources,
         snapshot,
     }))
 }

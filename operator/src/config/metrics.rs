@@ -54,6 +54,12 @@ pub struct Metrics {
     pub reconciles: Family<KindLabel, Counter>,
     /// Workloads currently opted in and indexed.
     pub workloads: Gauge,
+    /// ConfigMaps and Secrets read (GET) to hash a workload.
+    pub source_reads: Family<KindLabel, Counter>,
+    /// Reconciles that reused the digests remembered for the workload and read no source.
+    pub digests_reused: Family<KindLabel, Counter>,
+    /// Sources whose own digest came from the cache (unchanged version), not from a GET.
+    pub source_digests_reused: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -90,6 +96,21 @@ impl Metrics {
             "workloads",
             "Workloads opted in to config rollout",
             m.workloads.clone(),
+        );
+        sub.register(
+            "source_reads",
+            "ConfigMaps and Secrets read to hash a workload's sources",
+            m.source_reads.clone(),
+        );
+        sub.register(
+            "digests_reused",
+            "Reconciles that reused the remembered digests of a workload's sources and read none",
+            m.digests_reused.clone(),
+        );
+        sub.register(
+            "source_digests_reused",
+            "Sources whose digest was taken from the cache (version unchanged) instead of read",
+            m.source_digests_reused.clone(),
         );
         m
     }

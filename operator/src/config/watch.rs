@@ -2,8 +2,8 @@
 //!
 //! For each part of the [`Scope`](crate::kubeapi::Scope) (one namespace, or the whole cluster):
 //! * Deployments, StatefulSets and DaemonSets, each in a reflector store (with `managedFields`
-//!   and the last-applied annotation stripped), filtered so that only changes of generation or
-//!   annotations trigger a reconcile (status updates do not), each driving one
+//!   and the last-applied annotation stripped), filtered so that only changes of generation,
+//!   annotations or labels trigger a reconcile (status updates do not), each driving one
 //!   [`Controller`] whose reconcile is [`controller::reconcile`];
 //! * the changes of ConfigMaps and Secrets from the shared metadata-only watch
 //!   ([`crate::sourcewatch`]), looked up in the [`ReverseIndex`](super::index::ReverseIndex):
@@ -23,7 +23,7 @@
 //! (re)list of a workload kind to the workloads that list returned, so a workload deleted while
 //! the watch was down does not stay in them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -34,7 +34,8 @@ use appset_process::readiness::ReadyHandle;
 use futures::channel::mpsc;
 use futures::{FutureExt, SinkExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -48,6 +49,8 @@ use super::controller::{
 };
 use super::index::{SourceRef, WorkloadKind, WorkloadRef};
 use super::metrics::Metrics;
+use crate::confighash::discovery::{KeySet, OptIn, SourceKind};
+use crate::confighash::hash::{self, Source};
 use crate::confighash::live::LiveKeyring;
 use crate::kubeapi::{self, api_in};
 use crate::sourcewatch::{SourceChange, SourceWatch, Subscriptions};
@@ -101,8 +104,12 @@ async fn run_kind<K: Workload>(
             watcher::Event::Apply(_) => {}
         })
         .applied_objects()
+        // Labels too: the baseline is one, and a workload whose baseline was removed records
+        // it again.
         .predicate_filter(
-            predicates::generation.combine(predicates::annotations),
+            predicates::generation
+                .combine(predicates::annotations)
+                .combine(predicates::labels),
             Default::default(),
         )
         .inspect(move |_| on_event.demand());
@@ -164,6 +171,10 @@ fn source_events(
             Ok(index) => index.workloads(&source),
             Err(_) => Vec::new(),
         };
+        // Before the reconcile is queued: it must read the sources again.
+        for w in &workloads {
+            ctx.source_changed(w);
+        }
         let mut senders = senders.clone();
         async move {
             for w in workloads {
@@ -328,6 +339,174 @@ pub async fn run(
     futures::future::join(watch, controller).await;
 }
 
+/// Lists `api` page by page (`params`, with its limit), handing each object to `each`, so at
+/// most one page is held at a time.
+async fn list_pages<K>(
+    api: &Api<K>,
+    params: ListParams,
+    mut each: impl FnMut(K),
+) -> Result<usize, kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = params;
+    let mut pages = 0;
+    loop {
+        let page = api.list(&params).await?;
+        pages += 1;
+        page.items.into_iter().for_each(&mut each);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(pages),
+        }
+    }
+}
+
+/// The sources the opted-in workloads of `api` use, with the keys of each use.
+async fn wanted_by<K: Workload>(
+    api: Api<K>,
+    reloader_compat: bool,
+    wanted: &mut HashMap<SourceRef, Vec<KeySet>>,
+) -> Result<usize, kube::Error> {
+    list_pages(&api, ListParams::default().limit(500), |obj: K| {
+        let empty = Default::default();
+        let annotations = obj.meta().annotations.as_ref().unwrap_or(&empty);
+        let Some(opt_in) = OptIn::from_annotations(annotations, reloader_compat) else {
+            return;
+        };
+        let namespace = obj.namespace().unwrap_or_default();
+        for (name, usage) in opt_in.references(obj.template().spec.as_ref()).sources {
+            let uses = wanted.entry(SourceRef::new(&namespace, &name)).or_default();
+            if !uses.contains(&usage.keys) {
+                uses.push(usage.keys);
+            }
+        }
+    })
+    .await
+}
+
+/// Start-up: fills the source digest cache from paginated LISTs of the ConfigMaps and Secrets
+/// the opted-in workloads of part `part` use, so the first reconciles read a few pages instead
+/// of one GET per source. It first waits (up to a minute) for the shared metadata watch to have
+/// listed the part: an entry is used only while the watch shows the version it was made from.
+/// Any failure only leaves the cache emptier (the reconciles then GET what they need).
+async fn warm_up(ctx: &Context, part: Option<&str>) {
+    let started = std::time::Instant::now();
+    while !ctx.versions.synced(part) {
+        if started.elapsed() > Duration::from_secs(60) {
+            warn!(part = ?part, "the source metadata watch has not listed yet; starting without cached source digests");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = &ctx.client;
+    let compat = ctx.settings.reloader_compat;
+    let mut wanted: HashMap<SourceRef, Vec<KeySet>> = HashMap::new();
+    let listed = async {
+        wanted_by::<Deployment>(api_in(client, part), compat, &mut wanted).await?;
+        wanted_by::<StatefulSet>(api_in(client, part), compat, &mut wanted).await?;
+        wanted_by::<DaemonSet>(api_in(client, part), compat, &mut wanted).await?;
+        Ok::<_, kube::Error>(())
+    }
+    .await;
+    if let Err(err) = listed {
+        warn!(part = ?part, error = %err, "listing the workloads to warm the source digest cache failed; going on without it");
+        return;
+    }
+    let keyring = ctx.keyring.get();
+    let keys: Vec<&crate::confighash::hash::HashKey> = std::iter::once(&keyring.current)
+        .chain(keyring.previous.as_ref())
+        .collect();
+    let mut hashed = 0usize;
+    let mut put = |kind: SourceKind,
+                   namespace: String,
+                   name: String,
+                   version: Option<String>,
+                   make: &dyn Fn(&KeySet) -> Source| {
+        let sref = SourceRef {
+            kind,
+            namespace,
+            name,
+        };
+        let (Some(uses), Some(version)) = (wanted.get(&sref), version) else {
+            return;
+        };
+        let Ok(mut cache) = ctx.source_digests.lock() else {
+            return;
+        };
+        for keyset in uses {
+            let source = make(keyset);
+            let digests = keys
+                .iter()
+                .map(|k| {
+                    (
+                        k.id().to_string(),
+                        hash::digest(k, std::slice::from_ref(&source)),
+                    )
+                })
+                .collect();
+            cache.put(sref.clone(), keyset.clone(), version.clone(), digests);
+            hashed += 1;
+        }
+    };
+    // A LIST reads every source of the part, used or not: worth it only when the workloads
+    // use many (below that, their GETs cost less). Helm's release Secrets are large and never
+    // a workload's config, so they are left out.
+    let used = |kind: SourceKind| wanted.keys().filter(|s| s.kind == kind).count();
+    let min = ctx.settings.warm_up_min.max(1);
+    let want_secrets = used(SourceKind::Secret) >= min;
+    let want_config_maps = used(SourceKind::ConfigMap) >= min;
+    let lists = async {
+        let mut pages = 0;
+        if want_secrets {
+            let secrets: Api<Secret> = api_in(client, part);
+            let params = ListParams::default()
+                .limit(100)
+                .fields("type!=helm.sh/release.v1");
+            pages += list_pages(&secrets, params, |s: Secret| {
+                let (ns, name, version) = (
+                    s.namespace().unwrap_or_default(),
+                    s.name_any(),
+                    s.resource_version(),
+                );
+                put(SourceKind::Secret, ns, name, version, &|keys| {
+                    Source::from_secret(s.clone(), keys)
+                });
+            })
+            .await?;
+        }
+        if want_config_maps {
+            let cms: Api<ConfigMap> = api_in(client, part);
+            pages += list_pages(&cms, ListParams::default().limit(500), |c: ConfigMap| {
+                let (ns, name, version) = (
+                    c.namespace().unwrap_or_default(),
+                    c.name_any(),
+                    c.resource_version(),
+                );
+                put(SourceKind::ConfigMap, ns, name, version, &|keys| {
+                    Source::from_config_map(c.clone(), keys)
+                });
+            })
+            .await?;
+        }
+        Ok::<_, kube::Error>(pages)
+    }
+    .await;
+    match lists {
+        Ok(pages) => info!(
+            part = ?part,
+            sources = wanted.len(),
+            digests = hashed,
+            pages,
+            took = ?started.elapsed(),
+            "warmed the source digest cache"
+        ),
+        Err(err) => {
+            warn!(part = ?part, error = %err, "listing sources to warm the digest cache failed; the reconciles read what they need")
+        }
+    }
+}
+
 /// [`run`] with the source changes of a [`SourceWatch`] the caller runs (the operator shares
 /// one between both controllers).
 pub async fn run_with_sources(
@@ -346,21 +525,41 @@ pub async fn run_with_sources(
         instance: settings.instance.clone(),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings.clone(),
-        keyring,
-        recorder,
-        metrics,
-    ));
+    let ctx = Arc::new(
+        Context::new(client.clone(), settings.clone(), keyring, recorder, metrics)
+            .with_versions(sources.versions()),
+    );
     let shutdown = shutdown.boxed().shared();
+    let parts = settings.scope.parts();
+    let mut changes: Vec<mpsc::Receiver<SourceChange>> =
+        parts.iter().map(|ns| sources.take(ns.as_deref())).collect();
+    {
+        // While the cache warms up, the source changes are read and dropped, so the shared
+        // watch never waits for this controller: no workload has been reconciled yet, and
+        // every one will be once its watch lists.
+        let warm = async {
+            for part in &parts {
+                warm_up(&ctx, part.as_deref()).await;
+            }
+        };
+        let drain = futures::future::join_all(
+            changes
+                .iter_mut()
+                .map(|rx| async move { while rx.next().await.is_some() {} }),
+        );
+        futures::future::select(
+            std::pin::pin!(warm),
+            futures::future::select(std::pin::pin!(drain), shutdown.clone()),
+        )
+        .await;
+    }
     let mut tasks = Vec::new();
     let mut everything = Vec::new();
-    for ns in settings.scope.parts() {
+    for (ns, changes) in parts.iter().zip(changes) {
         tasks.extend(scope_tasks(
             &client,
             ns.as_deref(),
-            sources.take(ns.as_deref()),
+            changes,
             &ctx,
             &ready,
             &mut everything,

@@ -94,6 +94,8 @@ pub struct Fetched {
     pub sources: Vec<Source>,
     /// Required sources that do not exist.
     pub missing: Vec<SourceName>,
+    /// The `resourceVersion` each source that exists was read at.
+    pub versions: std::collections::BTreeMap<SourceName, String>,
 }
 
 /// Reads every source in `refs` from `namespace`.
@@ -110,18 +112,24 @@ pub async fn sources(
             what: format!("read {} {namespace}/{}", name.kind, name.name),
             source,
         };
+        let mut version = None;
         let found = match name.kind {
-            SourceKind::ConfigMap => cms
-                .get_opt(&name.name)
-                .await
-                .map_err(api_err)?
-                .map(|cm| Source::from_config_map(cm, &usage.keys)),
+            SourceKind::ConfigMap => cms.get_opt(&name.name).await.map_err(api_err)?.map(|cm| {
+                version = cm.metadata.resource_version.clone();
+                Source::from_config_map(cm, &usage.keys)
+            }),
             SourceKind::Secret => secrets
                 .get_opt(&name.name)
                 .await
                 .map_err(api_err)?
-                .map(|s| Source::from_secret(s, &usage.keys)),
+                .map(|s| {
+                    version = s.metadata.resource_version.clone();
+                    Source::from_secret(s, &usage.keys)
+                }),
         };
+        if let Some(v) = version {
+            out.versions.insert(name.clone(), v);
+        }
         match found {
             Some(source) => out.sources.push(source),
             None if usage.optional => out.sources.push(Source::absent(name, namespace)),

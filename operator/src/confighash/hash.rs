@@ -22,6 +22,13 @@
 //! empty one, a key in `data` differs from the same key in `binaryData`, and no choice of names
 //! or values can shift bytes from one field into the next.
 //!
+//! # Combined digest
+//!
+//! The config rollout controller records [`combine`]: an HMAC over each source's own
+//! [`digest`] (with its kind, namespace and name) rather than over all the data at once, so a
+//! source's digest can be cached while its `resourceVersion` stays the same and shared by every
+//! workload that uses it. The AppSet controller still records [`digest`] over all its sources.
+//!
 //! # Keyed digest
 //!
 //! The digest is HMAC-SHA256 over the encoding, keyed with a per-installation secret key
@@ -237,6 +244,71 @@ pub fn per_source(key: &HashKey, sources: &[Source]) -> BTreeMap<SourceName, Str
         .collect()
 }
 
+/// The first bytes of the combined encoding ([`combine`]).
+pub const MAGIC_COMBINED: &[u8] = b"appset.dev/config-hash/v2-combined\n";
+
+/// One source's part of a combined digest: its kind, namespace and name and its own digest
+/// ([`digest`] of that source alone, which covers its name and presence as well as its data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part<'a> {
+    /// ConfigMap or Secret.
+    pub kind: SourceKind,
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// Its own digest under the same key.
+    pub digest: &'a str,
+}
+
+/// The workload digest the config rollout controller records: HMAC-SHA256 under `key` over the
+/// magic [`MAGIC_COMBINED`], the number of parts, then each part sorted by kind, namespace and
+/// name (a kind tag byte, then the namespace, name and digest, each length-prefixed).
+///
+/// Unlike [`digest`] it needs no source data, only each source's own digest, so a digest of
+/// one source (kept in a cache while the source's `resourceVersion` stays the same) serves
+/// every workload that uses it. Two different sets of sources still give different digests:
+/// each part's own digest already covers its name and content, and the encoding is prefix-free.
+pub fn combine(key: &HashKey, parts: &[Part<'_>]) -> String {
+    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(&key.bytes) else {
+        return String::new();
+    };
+    let mut sorted: Vec<&Part<'_>> = parts.iter().collect();
+    sorted.sort_by(|a, b| (a.kind, a.namespace, a.name).cmp(&(b.kind, b.namespace, b.name)));
+    let mut out = |b: &[u8]| mac.update(b);
+    out(MAGIC_COMBINED);
+    put_len(&mut out, sorted.len());
+    for part in sorted {
+        out(&[match part.kind {
+            SourceKind::ConfigMap => 1,
+            SourceKind::Secret => 2,
+        }]);
+        put_bytes(&mut out, part.namespace.as_bytes());
+        put_bytes(&mut out, part.name.as_bytes());
+        put_bytes(&mut out, part.digest.as_bytes());
+    }
+    hex(&mac.finalize().into_bytes())
+}
+
+/// [`combine`] of `sources`, each hashed on its own first.
+pub fn combined(key: &HashKey, sources: &[Source]) -> String {
+    let own: Vec<String> = sources
+        .iter()
+        .map(|s| digest(key, std::slice::from_ref(s)))
+        .collect();
+    let parts: Vec<Part<'_>> = sources
+        .iter()
+        .zip(&own)
+        .map(|(s, d)| Part {
+            kind: s.kind,
+            namespace: &s.namespace,
+            name: &s.name,
+            digest: d,
+        })
+        .collect();
+    combine(key, &parts)
+}
+
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -297,6 +369,21 @@ mod tests {
 
     fn all(c: ConfigMap) -> Source {
         Source::from_config_map(c, &KeySet::All)
+    }
+
+    #[test]
+    fn the_combined_digest_depends_on_every_source_and_not_on_their_order() {
+        let a = all(cm("a", &[("k", "1")], &[]));
+        let b = Source::from_secret(secret("b", &[("p", b"x")]), &KeySet::All);
+        let both = combined(&key(), &[a.clone(), b.clone()]);
+        assert_eq!(both, combined(&key(), &[b.clone(), a.clone()]));
+        assert_ne!(both, combined(&key(), std::slice::from_ref(&a)));
+        let a2 = all(cm("a", &[("k", "2")], &[]));
+        assert_ne!(both, combined(&key(), &[a2, b.clone()]));
+        let gone = Source::absent(&a.source_name(), "ns");
+        assert_ne!(both, combined(&key(), &[gone, b.clone()]));
+        assert_ne!(both, combined(&HashKey::new(vec![8; 32]), &[a, b]));
+        assert_eq!(both.len(), 64);
     }
 
     #[test]

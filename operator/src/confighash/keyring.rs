@@ -17,7 +17,7 @@
 //! not change are re-baselined under the new key without a rollout; those whose data did change
 //! roll as usual (also when the change and the rotation came together). `previous` can be
 //! dropped once that is done (the operator logs each change of the key; every workload's
-//! `appset.dev/config-hash-observed` and every AppSet's `status.configDigest` then start with the
+//! `appset.dev/config-baseline` label and every AppSet's `status.configDigest` then start with the
 //! new key id). A digest made with a key that is neither (the Secret replaced without keeping
 //! `previous`, or deleted and recreated) cannot tell a change from none: it is re-baselined
 //! without a rollout, with a `ConfigKeyUnknown` Warning Event on the object.

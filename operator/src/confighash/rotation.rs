@@ -60,7 +60,33 @@ impl Observed {
     pub fn to_annotation(&self) -> String {
         format!("{}:{}", self.key_id, self.digest)
     }
+
+    /// The label value, `<key id>.<digest prefix>`: a label value holds at most 63 characters,
+    /// so the digest is cut to its first [`LABEL_DIGEST_LEN`] hex digits (184 bits, still far
+    /// beyond any accidental collision). [`compare`] matches such a prefix against a full
+    /// digest.
+    pub fn to_label(&self) -> String {
+        let cut = self.digest.len().min(LABEL_DIGEST_LEN);
+        format!("{}.{}", self.key_id, &self.digest[..cut])
+    }
+
+    /// Parses a label value written by [`Self::to_label`]; `None` for anything else, including
+    /// a digest prefix shorter than [`MIN_DIGEST_PREFIX`].
+    pub fn parse_label(value: &str) -> Option<Self> {
+        let (key_id, digest) = value.trim().split_once('.')?;
+        let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
+        (ok(key_id) && ok(digest) && digest.len() >= MIN_DIGEST_PREFIX).then(|| Self {
+            key_id: key_id.to_string(),
+            digest: digest.to_string(),
+        })
+    }
 }
+
+/// How many hex digits of the digest a label baseline keeps.
+pub const LABEL_DIGEST_LEN: usize = 46;
+
+/// The shortest recorded digest [`compare`] accepts as a prefix of a full one (128 bits).
+pub const MIN_DIGEST_PREFIX: usize = 32;
 
 /// A recorded digest, with its key id when the recorder kept one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +126,19 @@ pub struct Digests {
 }
 
 impl Digests {
+    /// [`hash::combined`] of `sources` under every key of `keyring`: the digests the config
+    /// rollout controller records.
+    pub fn combined(keyring: &Keyring, sources: &[Source]) -> Self {
+        let under = |key: &hash::HashKey| Observed {
+            key_id: key.id().to_string(),
+            digest: hash::combined(key, sources),
+        };
+        Self {
+            current: under(&keyring.current),
+            previous: keyring.previous.as_ref().map(under),
+        }
+    }
+
     /// Hashes `sources` under every key of `keyring`.
     pub fn of(keyring: &Keyring, sources: &[Source]) -> Self {
         let under = |key: &hash::HashKey| Observed {
@@ -110,6 +149,25 @@ impl Digests {
             current: under(&keyring.current),
             previous: keyring.previous.as_ref().map(under),
         }
+    }
+}
+
+/// A baseline recorded by an older appset in the `appset.dev/config-hash-observed` annotation
+/// holds the digest of [`hash::digest`] (one HMAC over every source's data), while baselines
+/// are now made with [`hash::combine`]. `legacy` compares the annotation with the data now
+/// hashed the old way: when that says unchanged, the baseline stands for the same data as
+/// `combined`, and the equivalent combined digest (under the key it was made with) is returned,
+/// so the decision is "unchanged" (or "re-record after a key rotation") and nothing is written
+/// or rolled. Otherwise the old baseline is returned as it is: it then compares as changed
+/// (the data changed: roll) or as made with an unknown key, exactly as it would have.
+pub fn translate_legacy(recorded: &Observed, legacy: &Digests, combined: &Digests) -> Observed {
+    match compare(Some(recorded.into()), legacy) {
+        Comparison::Unchanged => combined.current.clone(),
+        Comparison::UnchangedUnderPrevious => combined
+            .previous
+            .clone()
+            .unwrap_or_else(|| recorded.clone()),
+        _ => recorded.clone(),
     }
 }
 
@@ -183,7 +241,13 @@ pub fn compare(recorded: Option<Recorded<'_>>, now: &Digests) -> Comparison {
     let Some(rec) = recorded else {
         return Comparison::Unrecorded;
     };
-    let same = |o: &Observed| o.digest == rec.digest;
+    // A label baseline keeps a prefix of the digest: equal when the full digest starts with it.
+    let same = |o: &Observed| {
+        o.digest == rec.digest
+            || (rec.digest.len() >= MIN_DIGEST_PREFIX
+                && rec.digest.len() < o.digest.len()
+                && o.digest.starts_with(rec.digest))
+    };
     match rec.key_id {
         Some(id) if id == now.current.key_id => {
             if same(&now.current) {
@@ -226,6 +290,80 @@ mod tests {
             current: obs("02", current),
             previous: previous.map(|d| obs("01", d)),
         }
+    }
+
+    #[test]
+    fn a_label_baseline_fits_a_label_value_and_compares_as_its_full_digest() {
+        let full = obs("0123456789abcdef", &"ab".repeat(32));
+        let label = full.to_label();
+        assert!(label.len() <= 63, "{label}");
+        assert!(label.chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
+        let parsed = Observed::parse_label(&label).unwrap_or_else(|| panic!("{label}"));
+        assert_eq!(parsed.key_id, full.key_id);
+        let now = Digests {
+            current: full.clone(),
+            previous: None,
+        };
+        assert_eq!(compare(Some((&parsed).into()), &now), Comparison::Unchanged);
+        let mut other = full.clone();
+        other.digest.replace_range(60.., "0000");
+        let changed = Digests {
+            current: obs("0123456789abcdef", &format!("cd{}", &"ab".repeat(31))),
+            previous: None,
+        };
+        assert_eq!(
+            compare(Some((&parsed).into()), &changed),
+            Comparison::Changed
+        );
+        // A change past the prefix is not seen: the prefix is what is kept.
+        assert_eq!(
+            compare(
+                Some((&parsed).into()),
+                &Digests {
+                    current: other,
+                    previous: None
+                }
+            ),
+            Comparison::Unchanged
+        );
+        for bad in [
+            "",
+            "ab",
+            "ab.",
+            ".ab",
+            "ab.cd",
+            "x.abababababababababababababababab",
+        ] {
+            assert_eq!(Observed::parse_label(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_legacy_baseline_becomes_its_combined_equivalent_only_when_the_data_is_unchanged() {
+        let legacy = digests("old-now", Some("old-prev"));
+        let combined = digests("new-now", Some("new-prev"));
+        let now = |d: &str| obs("02", d);
+        let prev = |d: &str| obs("01", d);
+        // Same data, same key: the combined digest now; compares unchanged.
+        let t = translate_legacy(&now("old-now"), &legacy, &combined);
+        assert_eq!(compare(Some((&t).into()), &combined), Comparison::Unchanged);
+        // Same data under the previous key: re-recorded after a rotation.
+        let t = translate_legacy(&prev("old-prev"), &legacy, &combined);
+        assert_eq!(
+            compare(Some((&t).into()), &combined),
+            Comparison::UnchangedUnderPrevious
+        );
+        // Changed data: still changed, under either key.
+        for changed in [now("other"), prev("other")] {
+            let t = translate_legacy(&changed, &legacy, &combined);
+            assert_eq!(compare(Some((&t).into()), &combined), Comparison::Changed);
+        }
+        // An unknown key stays unknown.
+        let t = translate_legacy(&obs("09", "old-now"), &legacy, &combined);
+        assert_eq!(
+            compare(Some((&t).into()), &combined),
+            Comparison::UnknownKey
+        );
     }
 
     #[test]

@@ -144,6 +144,7 @@ impl Options {
                 .clone()
                 .filter(|s| !s.trim().is_empty()),
             liveness: None,
+            ..Settings::default()
         }
     }
 
