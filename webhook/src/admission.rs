@@ -1,6 +1,7 @@
 //! AdmissionReview in, AdmissionReview out: the pure core of the request path.
 //!
-//! [`parse`] reads a request body. Anything that is not an `AdmissionReview` with a
+//! [`parse`] reads a request body (the envelope and the pod in one pass, straight into typed
+//! structs; see its doc). Anything that is not an `AdmissionReview` with a
 //! `request.uid` is a [`BadRequest`] (the server answers 400). [`decide`] turns a parsed request,
 //! the PodInjections of its namespace and what the namespace label cache knows into a
 //! [`Decision`], and [`Decision::response`] encodes the `admission.k8s.io/v1` response.
@@ -19,11 +20,13 @@
 //! `appset.dev/config-snapshots` annotation is denied with `status.code` 400. A dry run gets the
 //! same answer as a real request (the route has no side effects at all).
 
+use std::borrow::Cow;
+
 use appset_crds::PodInjection;
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::matching;
 use crate::patch::{AddOp, ReplaceOp};
@@ -52,29 +55,40 @@ pub struct Request {
     /// The object's name, or its `generateName` prefix, for messages.
     pub name: String,
     /// The object, when present.
-    pub object: Option<Value>,
+    pub object: Option<Object>,
     /// A dry run (`kubectl apply --dry-run=server`): nothing may happen but the answer.
     pub dry_run: bool,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewIn {
-    api_version: Option<String>,
-    kind: Option<String>,
-    request: Option<RequestIn>,
+/// The object of a request, as [`parse`] read it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// Read as a Pod in the same pass as the rest of the body (every pod the API server sends).
+    Pod(Box<Pod>),
+    /// Not readable as a Pod in that pass (another kind, or a malformed pod): kept as JSON, read
+    /// again as a Pod only when the request is a Pod CREATE, for the message of a
+    /// [`Decision::Invalid`].
+    Json(Value),
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn {
+struct ReviewIn<O> {
+    api_version: Option<String>,
+    kind: Option<String>,
+    request: Option<RequestIn<O>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn<O> {
     uid: String,
     kind: Option<Gvk>,
     sub_resource: Option<String>,
     operation: Option<String>,
     namespace: Option<String>,
     name: Option<String>,
-    object: Option<Value>,
+    object: Option<O>,
     dry_run: Option<bool>,
 }
 
@@ -86,9 +100,29 @@ struct Gvk {
 }
 
 /// Parses a request body.
+///
+/// One pass reads the envelope and the object straight into a [`Pod`], with no intermediate
+/// JSON tree. A body that pass refuses (not an AdmissionReview, an object that is not a
+/// readable Pod, a duplicated field) is read again the general way, through a
+/// [`serde_json::Value`] for the object, so that every body gets the answer it always got: a
+/// [`BadRequest`], or a request whose unreadable object becomes a [`Decision::Invalid`].
 pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
-    let review: ReviewIn = serde_json::from_slice(body)
-        .map_err(|e| BadRequest(format!("not JSON of the expected shape: {e}")))?;
+    // UTF-8 is checked once for the whole body, not string by string.
+    let fast = std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| serde_json::from_str::<ReviewIn<Box<Pod>>>(text).ok());
+    match fast {
+        Some(review) => check(review, Object::Pod),
+        None => {
+            let review: ReviewIn<Value> = serde_json::from_slice(body)
+                .map_err(|e| BadRequest(format!("not JSON of the expected shape: {e}")))?;
+            check(review, Object::Json)
+        }
+    }
+}
+
+/// The checks of [`parse`] on a review read either way.
+fn check<O>(review: ReviewIn<O>, object: impl FnOnce(O) -> Object) -> Result<Request, BadRequest> {
     if let Some(kind) = &review.kind
         && kind != "AdmissionReview"
     {
@@ -117,7 +151,7 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
         is_pod_create,
         namespace: req.namespace.unwrap_or_default(),
         name: req.name.unwrap_or_default(),
-        object: req.object,
+        object: req.object.map(object),
         dry_run: req.dry_run.unwrap_or(false),
     })
 }
@@ -205,8 +239,9 @@ where
         return allow(Skip::OptedOut);
     }
     let namespace = namespace_of(req, &pod);
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    let matched = matching::matching(&namespace, &labels, injections);
+    let no_labels = std::collections::BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+    let matched = matching::matching(&namespace, labels, injections);
     let candidates: Vec<Candidate<'_>> = matched.into_iter().map(Candidate::of).collect();
     match plan::plan(&pod, &candidates) {
         Plan::Unchanged => allow(Skip::NothingToDo),
@@ -234,12 +269,14 @@ where
 }
 
 /// The request's object as a Pod, or the message of an [`Decision::Invalid`].
-fn read_pod(req: &Request) -> Result<Pod, String> {
-    let object = req
-        .object
-        .as_ref()
-        .ok_or_else(|| "the request has no object".to_string())?;
-    Pod::deserialize(object).map_err(|e| format!("the object is not a readable Pod: {e}"))
+fn read_pod(req: &Request) -> Result<Cow<'_, Pod>, String> {
+    match req.object.as_ref() {
+        None => Err("the request has no object".to_string()),
+        Some(Object::Pod(pod)) => Ok(Cow::Borrowed(&**pod)),
+        Some(Object::Json(object)) => Pod::deserialize(object)
+            .map(Cow::Owned)
+            .map_err(|e| format!("the object is not a readable Pod: {e}")),
+    }
 }
 
 /// The pod's name for messages: the request's name, else the object's, else its
@@ -267,53 +304,142 @@ fn namespace_of(req: &Request, pod: &Pod) -> String {
     }
 }
 
-/// An allowed response carrying `ops` as a base64-encoded JSON Patch.
-fn patched<T: serde::Serialize>(uid: &str, ops: &[T]) -> Value {
-    let patch = serde_json::to_vec(ops).unwrap_or_default();
-    json!({
-        "uid": uid,
-        "allowed": true,
-        "patchType": "JSONPatch",
-        "patch": base64::engine::general_purpose::STANDARD.encode(patch),
-    })
+/// The AdmissionReview envelope written back, borrowing from the decision.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
 }
 
-/// A refusal with `status.code`, `status.reason` and the message for the client.
-fn refused(uid: &str, code: u16, reason: &str, message: &str) -> Value {
-    json!({
-        "uid": uid,
-        "allowed": false,
-        "status": { "code": code, "reason": reason, "message": message },
-    })
+/// `response` of an AdmissionReview: fields absent when empty, as the API server expects
+/// (`patchType` only with a patch).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_annotations: Option<Audit>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut<'a>>,
 }
 
-/// The AdmissionReview envelope around a response.
-fn envelope(api_version: &str, response: Value) -> Value {
-    json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response })
+#[derive(Serialize)]
+struct Audit {
+    injected: String,
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    code: u16,
+    reason: &'static str,
+    message: &'a str,
+}
+
+impl<'a> ResponseOut<'a> {
+    fn allowed(uid: &'a str) -> Self {
+        Self {
+            uid,
+            allowed: true,
+            patch_type: None,
+            patch: None,
+            audit_annotations: None,
+            warnings: &[],
+            status: None,
+        }
+    }
+
+    /// Allowed, carrying `ops` as a base64-encoded JSON Patch.
+    fn patched<T: Serialize>(uid: &'a str, ops: &[T]) -> Self {
+        let mut patch = Vec::with_capacity(1024);
+        if serde_json::to_writer(&mut patch, ops).is_err() {
+            patch.clear();
+        }
+        Self {
+            patch_type: Some("JSONPatch"),
+            patch: Some(base64::engine::general_purpose::STANDARD.encode(patch)),
+            ..Self::allowed(uid)
+        }
+    }
+
+    /// A refusal with `status.code`, `status.reason` and the message for the client.
+    fn refused(uid: &'a str, code: u16, reason: &'static str, message: &'a str) -> Self {
+        Self {
+            allowed: false,
+            status: Some(StatusOut {
+                code,
+                reason,
+                message,
+            }),
+            ..Self::allowed(uid)
+        }
+    }
+
+    /// The AdmissionReview around this response.
+    fn envelope(self, api_version: &'a str) -> ReviewOut<'a> {
+        ReviewOut {
+            api_version,
+            kind: "AdmissionReview",
+            response: self,
+        }
+    }
+}
+
+/// The bytes of a response (writing borrowed strings and a few numbers cannot fail).
+fn encode(review: &ReviewOut<'_>) -> Result<Vec<u8>, BadRequest> {
+    let r = &review.response;
+    let len = r.patch.as_ref().map_or(0, String::len)
+        + r.status.as_ref().map_or(0, |s| s.message.len())
+        + r.warnings.iter().map(String::len).sum::<usize>()
+        + 512;
+    let mut out = Vec::with_capacity(len);
+    serde_json::to_writer(&mut out, review)
+        .map_err(|e| BadRequest(format!("cannot encode the response: {e}")))?;
+    Ok(out)
 }
 
 impl Decision {
-    /// The AdmissionReview response body for this decision.
-    pub fn response(&self, api_version: &str) -> Value {
+    fn wire<'a>(&'a self, api_version: &'a str) -> ReviewOut<'a> {
         let response = match self {
-            Decision::Allow { uid, .. } => json!({ "uid": uid, "allowed": true }),
+            Decision::Allow { uid, .. } => ResponseOut::allowed(uid),
             Decision::Inject {
                 uid,
                 ops,
                 applied,
                 warnings,
-            } => {
-                let mut r = patched(uid, ops);
-                r["auditAnnotations"] = json!({ "injected": plan::format_injected(applied) });
-                if !warnings.is_empty() {
-                    r["warnings"] = json!(warnings);
-                }
-                r
+            } => ResponseOut {
+                audit_annotations: Some(Audit {
+                    injected: plan::format_injected(applied),
+                }),
+                warnings,
+                ..ResponseOut::patched(uid, ops)
+            },
+            Decision::Deny { uid, message, .. } => {
+                ResponseOut::refused(uid, 403, "Forbidden", message)
             }
-            Decision::Deny { uid, message, .. } => refused(uid, 403, "Forbidden", message),
-            Decision::Invalid { uid, message } => refused(uid, 400, "BadRequest", message),
+            Decision::Invalid { uid, message } => {
+                ResponseOut::refused(uid, 400, "BadRequest", message)
+            }
         };
-        envelope(api_version, response)
+        response.envelope(api_version)
+    }
+
+    /// The AdmissionReview response body for this decision.
+    pub fn response(&self, api_version: &str) -> Value {
+        serde_json::to_value(self.wire(api_version)).unwrap_or(Value::Null)
+    }
+
+    /// [`Self::response`] as the bytes sent.
+    pub fn encode(&self, api_version: &str) -> Result<Vec<u8>, BadRequest> {
+        encode(&self.wire(api_version))
     }
 }
 
@@ -330,8 +456,7 @@ where
         Vec::new()
     };
     let decision = decide(&req, injections.iter().map(|p| &**p));
-    let bytes = serde_json::to_vec(&decision.response(&req.api_version))
-        .map_err(|e| BadRequest(format!("cannot encode the response: {e}")))?;
+    let bytes = decision.encode(&req.api_version)?;
     Ok((decision, bytes))
 }
 
@@ -410,15 +535,25 @@ pub fn decide_pin(req: &Request) -> PinDecision {
 }
 
 impl PinDecision {
+    fn wire<'a>(&'a self, api_version: &'a str) -> ReviewOut<'a> {
+        let response = match self {
+            PinDecision::Allow { uid, .. } => ResponseOut::allowed(uid),
+            PinDecision::Pin { uid, ops } => ResponseOut::patched(uid, ops),
+            PinDecision::Deny { uid, message, .. } | PinDecision::Invalid { uid, message } => {
+                ResponseOut::refused(uid, 400, "BadRequest", message)
+            }
+        };
+        response.envelope(api_version)
+    }
+
     /// The AdmissionReview response body for this decision.
     pub fn response(&self, api_version: &str) -> Value {
-        let response = match self {
-            PinDecision::Allow { uid, .. } => json!({ "uid": uid, "allowed": true }),
-            PinDecision::Pin { uid, ops } => patched(uid, ops),
-            PinDecision::Deny { uid, message, .. } => refused(uid, 400, "BadRequest", message),
-            PinDecision::Invalid { uid, message } => refused(uid, 400, "BadRequest", message),
-        };
-        envelope(api_version, response)
+        serde_json::to_value(self.wire(api_version)).unwrap_or(Value::Null)
+    }
+
+    /// [`Self::response`] as the bytes sent.
+    pub fn encode(&self, api_version: &str) -> Result<Vec<u8>, BadRequest> {
+        encode(&self.wire(api_version))
     }
 }
 
@@ -426,8 +561,7 @@ impl PinDecision {
 pub fn respond_pin(body: &[u8]) -> Result<(PinDecision, Vec<u8>), BadRequest> {
     let req = parse(body)?;
     let decision = decide_pin(&req);
-    let bytes = serde_json::to_vec(&decision.response(&req.api_version))
-        .map_err(|e| BadRequest(format!("cannot encode the response: {e}")))?;
+    let bytes = decision.encode(&req.api_version)?;
     Ok((decision, bytes))
 }
 

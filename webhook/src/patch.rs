@@ -61,15 +61,33 @@ impl ReplaceOp {
 
 /// Escapes one reference token per RFC 6901: `~` becomes `~0`, then `/` becomes `~1`.
 pub fn escape_token(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
+    let mut out = String::with_capacity(token.len());
+    push_escaped(&mut out, token);
+    out
+}
+
+/// Appends `token` escaped per RFC 6901 (most tokens need no escape and are copied whole).
+fn push_escaped(out: &mut String, token: &str) {
+    if !token.contains(['~', '/']) {
+        out.push_str(token);
+        return;
+    }
+    for c in token.chars() {
+        match c {
+            '~' => out.push_str("~0"),
+            '/' => out.push_str("~1"),
+            c => out.push(c),
+        }
+    }
 }
 
 /// Builds a JSON Pointer from unescaped tokens.
 pub fn pointer<S: AsRef<str>>(tokens: &[S]) -> String {
-    let mut out = String::new();
+    let len = tokens.iter().map(|t| t.as_ref().len() + 1).sum::<usize>();
+    let mut out = String::with_capacity(len + 4);
     for t in tokens {
         out.push('/');
-        out.push_str(&escape_token(t.as_ref()));
+        push_escaped(&mut out, t.as_ref());
     }
     out
 }

@@ -20,6 +20,7 @@
 //!   PodInjection applied; one already recorded is skipped, so a second pass (or a webhook
 //!   reinvocation) yields no patch at all.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -78,19 +79,19 @@ pub enum Plan {
 
 /// A collision found while planning: the message and the other side.
 #[derive(Debug)]
-struct Conflict {
+struct Conflict<'a> {
     message: String,
-    other: Origin,
+    other: Origin<'a>,
 }
 
 /// Where an entry of the pod comes from, for conflict messages.
-#[derive(Debug, Clone, PartialEq)]
-enum Origin {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Origin<'a> {
     Pod,
-    Injection(String),
+    Injection(&'a str),
 }
 
-impl fmt::Display for Origin {
+impl fmt::Display for Origin<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::Pod => write!(f, "the pod"),
@@ -130,9 +131,11 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
     let Some(spec) = pod.spec.as_ref() else {
         return Plan::Unchanged;
     };
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let recorded = annotations
-        .get(keys::INJECTED)
+    let recorded = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(keys::INJECTED))
         .map(|v| parse_injected(v))
         .unwrap_or_default();
     let todo: Vec<&Candidate<'_>> = candidates
@@ -153,31 +156,31 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
     let mut new_mounts: BTreeMap<usize, Vec<VolumeMount>> = BTreeMap::new();
 
     for c in &todo {
-        let origin = Origin::Injection(c.name.to_string());
+        let origin = Origin::Injection(c.name);
         for ic in &c.spec.init_containers {
-            match state.add_init_container(ic, &origin) {
+            match state.add_init_container(ic, origin) {
                 Ok(true) => match c.spec.init_container_placement {
-                    InitContainerPlacement::First => first_init.push(ic.clone()),
-                    InitContainerPlacement::Last => last_init.push(ic.clone()),
+                    InitContainerPlacement::First => first_init.push(ic),
+                    InitContainerPlacement::Last => last_init.push(ic),
                 },
                 Ok(false) => {}
                 Err(conflict) => {
                     involved.insert(c.name.to_string());
-                    if let Origin::Injection(other) = &conflict.other {
-                        involved.insert(other.clone());
+                    if let Origin::Injection(other) = conflict.other {
+                        involved.insert(other.to_string());
                     }
                     conflicts.push(conflict.message);
                 }
             }
         }
         for v in &c.spec.volumes {
-            match state.add_volume(v, &origin) {
+            match state.add_volume(v, origin) {
                 Ok(true) => new_volumes.push(volume_of(v)),
                 Ok(false) => {}
                 Err(conflict) => {
                     involved.insert(c.name.to_string());
-                    if let Origin::Injection(other) = &conflict.other {
-                        involved.insert(other.clone());
+                    if let Origin::Injection(other) = conflict.other {
+                        involved.insert(other.to_string());
                     }
                     conflicts.push(conflict.message);
                 }
@@ -202,13 +205,13 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
                     .collect()
             };
             for idx in targets {
-                match state.add_mount(idx, m, &origin) {
+                match state.add_mount(idx, m, origin) {
                     Ok(true) => new_mounts.entry(idx).or_default().push(mount_of(m)),
                     Ok(false) => {}
                     Err(conflict) => {
                         involved.insert(c.name.to_string());
-                        if let Origin::Injection(other) = &conflict.other {
-                            involved.insert(other.clone());
+                        if let Origin::Injection(other) = conflict.other {
+                            involved.insert(other.to_string());
                         }
                         conflicts.push(conflict.message);
                     }
@@ -229,10 +232,16 @@ pub fn plan(pod: &Pod, candidates: &[Candidate<'_>]) -> Plan {
         };
     }
 
-    let mut ops = Vec::new();
+    let mut ops = Vec::with_capacity(
+        first_init.len()
+            + last_init.len()
+            + new_volumes.len()
+            + new_mounts.values().map(Vec::len).sum::<usize>()
+            + 1,
+    );
     match &spec.init_containers {
         None => {
-            let all: Vec<&Container> = first_init.iter().chain(&last_init).collect();
+            let all: Vec<&Container> = first_init.iter().chain(&last_init).copied().collect();
             if !all.is_empty() {
                 ops.push(AddOp::new(&["spec", "initContainers"], to_value(&all)));
             }
@@ -326,28 +335,29 @@ fn mount_of(m: &InjectedVolumeMount) -> VolumeMount {
 }
 
 /// The pod as it will be after the injections planned so far, with each entry's origin.
-struct State {
-    containers: Vec<String>,
-    init: Vec<(Container, Origin)>,
-    volumes: Vec<(Volume, Origin)>,
-    mounts: Vec<Vec<(VolumeMount, Origin)>>,
+/// The pod's own entries are borrowed, not copied.
+struct State<'a> {
+    containers: Vec<&'a str>,
+    init: Vec<(&'a Container, Origin<'a>)>,
+    volumes: Vec<(Cow<'a, Volume>, Origin<'a>)>,
+    mounts: Vec<Vec<(Cow<'a, VolumeMount>, Origin<'a>)>>,
 }
 
-impl State {
-    fn of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Self {
+impl<'a> State<'a> {
+    fn of(spec: &'a k8s_openapi::api::core::v1::PodSpec) -> Self {
         Self {
-            containers: spec.containers.iter().map(|c| c.name.clone()).collect(),
+            containers: spec.containers.iter().map(|c| c.name.as_str()).collect(),
             init: spec
                 .init_containers
                 .iter()
                 .flatten()
-                .map(|c| (c.clone(), Origin::Pod))
+                .map(|c| (c, Origin::Pod))
                 .collect(),
             volumes: spec
                 .volumes
                 .iter()
                 .flatten()
-                .map(|v| (v.clone(), Origin::Pod))
+                .map(|v| (Cow::Borrowed(v), Origin::Pod))
                 .collect(),
             mounts: spec
                 .containers
@@ -356,7 +366,7 @@ impl State {
                     c.volume_mounts
                         .iter()
                         .flatten()
-                        .map(|m| (m.clone(), Origin::Pod))
+                        .map(|m| (Cow::Borrowed(m), Origin::Pod))
                         .collect()
                 })
                 .collect(),
@@ -364,8 +374,12 @@ impl State {
     }
 
     /// `Ok(true)` when the container is new, `Ok(false)` when an identical one exists.
-    fn add_init_container(&mut self, c: &Container, origin: &Origin) -> Result<bool, Conflict> {
-        if self.containers.contains(&c.name) {
+    fn add_init_container(
+        &mut self,
+        c: &'a Container,
+        origin: Origin<'a>,
+    ) -> Result<bool, Conflict<'a>> {
+        if self.containers.contains(&c.name.as_str()) {
             return Err(Conflict {
                 message: format!(
                     "init container {:?} of {origin} has the same name as container {:?} of the pod",
@@ -383,21 +397,21 @@ impl State {
                         "init container {:?} of {origin} differs from init container {:?} of {other}",
                         c.name, existing.name
                     ),
-                    other: other.clone(),
+                    other: *other,
                 })
             };
         }
-        self.init.push((c.clone(), origin.clone()));
+        self.init.push((c, origin));
         Ok(true)
     }
 
-    fn add_volume(&mut self, v: &InjectedVolume, origin: &Origin) -> Result<bool, Conflict> {
+    fn add_volume(&mut self, v: &InjectedVolume, origin: Origin<'a>) -> Result<bool, Conflict<'a>> {
         if let Some((existing, other)) = self.volumes.iter().find(|(e, _)| e.name == v.name) {
             let same = existing
                 .empty_dir
                 .as_ref()
                 .is_some_and(|e| same_empty_dir(e, &v.empty_dir))
-                && *existing
+                && **existing
                     == Volume {
                         name: existing.name.clone(),
                         empty_dir: existing.empty_dir.clone(),
@@ -411,11 +425,11 @@ impl State {
                         "volume {:?} of {origin} differs from volume {:?} of {other}",
                         v.name, existing.name
                     ),
-                    other: other.clone(),
+                    other: *other,
                 })
             };
         }
-        self.volumes.push((volume_of(v), origin.clone()));
+        self.volumes.push((Cow::Owned(volume_of(v)), origin));
         Ok(true)
     }
 
@@ -423,9 +437,9 @@ impl State {
         &mut self,
         idx: usize,
         m: &InjectedVolumeMount,
-        origin: &Origin,
-    ) -> Result<bool, Conflict> {
-        let container = self.containers.get(idx).cloned().unwrap_or_default();
+        origin: Origin<'a>,
+    ) -> Result<bool, Conflict<'a>> {
+        let container = self.containers.get(idx).copied().unwrap_or_default();
         let Some(mounts) = self.mounts.get_mut(idx) else {
             return Ok(false);
         };
@@ -442,11 +456,11 @@ impl State {
                         "mount of volume {:?} at {:?} in container {container:?} by {origin} differs from the mount of volume {:?} at that path by {other}",
                         wanted.name, wanted.mount_path, existing.name
                     ),
-                    other: other.clone(),
+                    other: *other,
                 })
             };
         }
-        mounts.push((wanted, origin.clone()));
+        mounts.push((Cow::Owned(wanted), origin));
         Ok(true)
     }
 }

@@ -4,6 +4,7 @@ use super::*;
 use appset_crds::keys;
 use appset_crds::{PodInjection, PodInjectionSpec};
 use proptest::prelude::*;
+use serde_json::json;
 use std::sync::Arc;
 
 fn review(namespace: &str, pod: Value) -> Value {

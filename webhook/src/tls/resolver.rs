@@ -103,6 +103,9 @@ impl CertResolver {
             }
         };
         let mut cfg = builder.with_cert_resolver(self.clone());
+        // HTTP/1.1 only: the API server's webhook client offers nothing else (it sets
+        // `NextProtos` to `http/1.1` so that concurrent reviews spread over the replicas of a
+        // Service, kubernetes/kubernetes#75791), so HTTP/2 would serve no real client.
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }
