@@ -4,8 +4,16 @@
 //! volumeClaimTemplate each) it creates a StatefulSet, run by the cluster's own
 //! kube-controller-manager, and an AppSet of the same spec, run by the AppSet controller
 //! in-process, each in a fresh namespace, and measures the time from the create request until
-//! every pod is Running and Ready and every claim is Bound. Each namespace is deleted, and
-//! waited for, before the next run starts. It prints both times and their ratio.
+//! every pod is Running and Ready and every claim is Bound. Before the next run starts, each
+//! namespace is deleted and waited for, and so are the PersistentVolumes of its claims: the
+//! controller-manager's PersistentVolume controller reclaims them (`reclaimPolicy: Delete`)
+//! under the same client rate limit it provisions and binds with, so a run started while the
+//! previous run's volumes are still being deleted would wait for that. Each measurement then
+//! starts [`SETTLE`] later, so that this client's rate limiter has its burst back whichever side
+//! runs first. It prints both times, their ratio and the load average before and after. With
+//! `BENCH_TABLE` set to a file, it also appends one Markdown table row per scenario
+//! (`| scenario | measure | appset | reference | ratio | goal |`, ratio = StatefulSet time /
+//! AppSet time, goal ≥ 1.00) and one row of the load averages.
 //!
 //! Usage: `KUBECONFIG=.cluster/kubeconfig cargo run --release -p appset-e2e --bin appset-bench`
 //! (optionally `-- <parallel replicas> <ordered replicas>`). Caveats: KWOK marks pods Ready at
@@ -21,7 +29,7 @@ use appset_e2e::TestNamespace;
 use appset_e2e::fixtures::{claimed_set_spec, is_ready, merge};
 use appset_e2e::runners::AppSetController;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
@@ -113,20 +121,102 @@ async fn time_appset(replicas: i32, policy: &str) -> Result<Duration> {
     Ok(took)
 }
 
-/// Deletes the namespace and waits until it is gone, so that the garbage collection of one run
-/// (pods, claims, volumes) does not compete with the next measurement.
+/// Deletes the namespace and waits until it is gone and so are the PersistentVolumes bound to
+/// its claims, so that the garbage collection of one run (pods, claims, and the volumes the
+/// controller-manager reclaims with the same rate-limited client it provisions and binds with)
+/// does not compete with the next measurement.
 async fn finish(ns: TestNamespace) -> Result<()> {
     let client = ns.client.clone();
     let name = ns.name.clone();
     ns.cleanup().await;
-    let namespaces: Api<Namespace> = Api::all(client);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let volumes: Api<PersistentVolume> = Api::all(client);
     let start = Instant::now();
-    while namespaces.get_opt(&name).await?.is_some() {
+    loop {
+        let gone = namespaces.get_opt(&name).await?.is_none();
+        let left = volumes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|v| {
+                v.spec
+                    .as_ref()
+                    .and_then(|s| s.claim_ref.as_ref())
+                    .and_then(|r| r.namespace.as_deref())
+                    == Some(name.as_str())
+            })
+            .count();
+        if gone && left == 0 {
+            if verbose() {
+                eprintln!(
+                    "  namespace {name} and its volumes gone after {:.1}s",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            return Ok(());
+        }
         if start.elapsed() > Duration::from_secs(600) {
-            bail!("namespace {name} still terminating after 10 minutes");
+            bail!(
+                "namespace {name} (gone: {gone}) or {left} of its volumes still there after 10 minutes"
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// How long each measurement waits before it starts, after the previous run's cleanup: the
+/// controller-manager's client (`--kube-api-qps` 20, burst 30) refills its burst in 1.5 s, so
+/// a run started at once after the previous run's volumes were reclaimed would have fewer
+/// requests at hand than one started on an idle cluster.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// The load averages (1, 5, 15 minutes) of `/proc/loadavg`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// One scenario's figures.
+struct Figures {
+    measure: String,
+    statefulset: Duration,
+    appset: Duration,
+}
+
+impl Figures {
+    /// StatefulSet time / AppSet time: at least 1 when the AppSet is as fast or faster.
+    fn ratio(&self) -> f64 {
+        self.statefulset.as_secs_f64() / self.appset.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Appends the rows of `figures` and of the load averages to the Markdown table in `path`.
+fn append_table(path: &str, figures: &[Figures], before: &str, after: &str) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {path}"))?;
+    for f in figures {
+        let ratio = f.ratio();
+        // Compared as printed, so that the verdict agrees with the ratio in the row.
+        let met = (ratio * 100.0).round() >= 100.0;
+        writeln!(
+            file,
+            "| AppSet vs StatefulSet | {} | {:.1} s | StatefulSet {:.1} s | {ratio:.2} | ≥ 1.00: {} |",
+            f.measure,
+            f.appset.as_secs_f64(),
+            f.statefulset.as_secs_f64(),
+            if met { "met" } else { "not met" }
+        )?;
+    }
+    writeln!(
+        file,
+        "| AppSet vs StatefulSet | load average before / after | {before} / {after} | | | |"
+    )?;
     Ok(())
 }
 
@@ -138,17 +228,33 @@ async fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let parallel = args.first().copied().unwrap_or(100);
     let ordered = args.get(1).copied().unwrap_or(20);
+    let before = load_average();
+    println!("load average before: {before}");
     println!("scenario                      statefulset    appset   ratio (sts/appset)");
+    let mut figures = vec![];
     for (replicas, policy) in [(parallel, "Parallel"), (ordered, "OrderedReady")] {
+        tokio::time::sleep(SETTLE).await;
         let sts = time_statefulset(replicas, policy).await?;
+        tokio::time::sleep(SETTLE).await;
         let aps = time_appset(replicas, policy).await?;
+        let f = Figures {
+            measure: format!("{replicas} replicas {policy}, 1 claim each: all Ready and Bound"),
+            statefulset: sts,
+            appset: aps,
+        };
         println!(
             "{:<28} {:>9.2}s {:>8.2}s   {:>5.2}",
             format!("{replicas} replicas, {policy}"),
             sts.as_secs_f64(),
             aps.as_secs_f64(),
-            sts.as_secs_f64() / aps.as_secs_f64().max(1e-9)
+            f.ratio()
         );
+        figures.push(f);
+    }
+    let after = load_average();
+    println!("load average after: {after}");
+    if let Ok(path) = std::env::var("BENCH_TABLE") {
+        append_table(&path, &figures, &before, &after)?;
     }
     Ok(())
 }

@@ -9,7 +9,8 @@
 //! Pending, which changes nothing for the controller.
 //!
 //! Usage: `KUBECONFIG=.cluster/kubeconfig cargo run --release -p appset-e2e --bin
-//! appset-scale-bench -- [replicas]` (`e2e/bench.sh` runs it).
+//! appset-scale-bench -- [replicas]` (`e2e/bench.sh` runs it). With `BENCH_TABLE` set, the
+//! figures are also appended to that file as Markdown table rows.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -165,6 +166,32 @@ async fn main() -> Result<()> {
         "  load average (1/5/15 min) after         {}",
         load_average()
     );
+    if let Ok(path) = std::env::var("BENCH_TABLE") {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("open {path}"))?;
+        let scenario = format!("one AppSet of {replicas} replicas (Parallel, no claims)");
+        writeln!(
+            file,
+            "| {scenario} | pods created and counted in the status | {:.1} s | | | |",
+            took.as_secs_f64()
+        )?;
+        writeln!(
+            file,
+            "| {scenario} | operator RSS before / peak (VmHWM) / at the end | {:.1} / {:.1} / {:.1} MiB | | | |",
+            idle as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            now as f64 / 1024.0
+        )?;
+        writeln!(
+            file,
+            "| {scenario} | load average (1/5/15 min) before / after | {load_before} / {} | | | |",
+            load_average()
+        )?;
+    }
     drop(op);
     ns.cleanup().await;
     Ok(())

@@ -1,25 +1,46 @@
-//! Benchmark of config rollout on the local control plane: the operator's peak memory with many
-//! large Secrets, and the latency from a ConfigMap update to the Deployment's template change.
+//! Benchmark of config rollout on the local control plane, for appset and, side by side in the
+//! same run, for any other controller given on the command line (the peer it replaces).
 //!
-//! It creates its own namespace, fills it with N Secrets of S bytes, M ConfigMaps and K opted-in
-//! Deployments (replicas 0, so only ReplicaSets are created), starts the real `appset-operator`
-//! binary as a child process scoped to that namespace, waits until every Deployment is adopted,
-//! then updates U ConfigMaps one at a time and times each until the Deployment that uses it has
-//! a new `appset.dev/config-hash` in its pod template. It prints the figures, stops the operator
-//! and deletes the namespace.
+//! Each controller gets a namespace of its own holding the same objects: N Secrets of S bytes,
+//! M ConfigMaps, K Deployments (replicas 0, so only ReplicaSets are created), each referencing 5
+//! Secrets and 2 ConfigMaps and annotated `reloader.stakater.com/auto: "true"` (appset runs with
+//! `--reloader-compat`, so both controllers read the same annotation). The controller runs as
+//! a child process scoped to that namespace, and every figure is measured from outside it:
+//!
+//! 1. **start-up**: from the process start until it is settled, i.e. its CPU time grows by
+//!    less than 20 ms over one second (`/proc/<pid>/stat`); for appset also the time until every
+//!    Deployment carries its baseline label. What the start-up wrote: Deployment `generation`
+//!    bumps, Deployments and ReplicaSets whose `resourceVersion` changed, pod templates changed.
+//! 2. **latency**: U ConfigMap updates one at a time, each timed until the Deployment that uses
+//!    it shows a changed pod template in a watch (any change of `spec.template`, so it measures
+//!    any controller's way of rolling); p50, p95, p99.
+//! 3. **burst**: 5 updates of one ConfigMap 50 ms apart; the template changes that follow, counted
+//!    until 3 s (plus the coalescing window) after the last update.
+//! 4. **restart with nothing changed**: the process is stopped and started again; the
+//!    Deployments written and pod templates changed until it settles.
+//! 5. **a change made while stopped**: the process is stopped, a ConfigMap updated, the process
+//!    started again; whether (and how soon after the start) the Deployment's template changes.
+//!
+//! Peak RSS (`VmHWM`, the largest of the process's runs) and CPU time (summed over its runs)
+//! close the figures. With `--peer`, the same scenario runs against the peer and every figure
+//! is printed with the ratio appset ÷ peer; with `BENCH_TABLE` set, the rows are also appended
+//! to that file as a Markdown table (`e2e/bench.sh` prints them as one table).
 //!
 //! ```text
 //! KUBECONFIG=.cluster/kubeconfig cargo run --release -p appset-e2e --bin config-rollout-bench -- \
-//!     --secrets 5000 --configmaps 2000 --deployments 1000 --updates 200
+//!     --secrets 5000 --configmaps 2000 --deployments 1000 --updates 200 \
+//!     --peer 'reloader --namespace-selector= --resources-to-ignore= ...' --peer-name Reloader
 //! ```
 //!
-//! Flags (or environment): `--secrets` (BENCH_SECRETS, 5000), `--secret-size` (BENCH_SECRET_SIZE,
-//! 16384), `--configmaps` (BENCH_CONFIGMAPS, 2000), `--deployments` (BENCH_DEPLOYMENTS, 1000),
-//! `--updates` (BENCH_UPDATES, 200), `--window` (BENCH_WINDOW, `0s`: the operator's coalescing
-//! window, added to every latency), `--operator` (BENCH_OPERATOR, default: `appset-operator`
-//! beside this binary).
+//! Flags (or environment): `--secrets` (BENCH_SECRETS, 5000), `--secret-size`
+//! (BENCH_SECRET_SIZE, 16384), `--configmaps` (BENCH_CONFIGMAPS, 2000), `--deployments`
+//! (BENCH_DEPLOYMENTS, 1000), `--updates` (BENCH_UPDATES, 200), `--window` (BENCH_WINDOW, `0s`:
+//! appset's coalescing window, added to every latency), `--operator` (BENCH_OPERATOR, default:
+//! `appset-operator` beside this binary), `--peer` (BENCH_PEER: a shell command line that runs
+//! the other controller in the foreground; `{namespace}` in it is replaced by the benchmark's
+//! namespace, and it gets the same `KUBECONFIG`), `--peer-name` (BENCH_PEER_NAME, "peer").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -27,12 +48,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use appset_crds::keys;
-use appset_e2e::fixtures::template_hash;
-use appset_e2e::process::memory_kib;
+use appset_e2e::process::{cpu_seconds, load_average, memory_kib};
 use appset_e2e::{TestNamespace, wait_for};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -48,6 +68,8 @@ struct Args {
     updates: usize,
     window: String,
     operator: PathBuf,
+    peer: Option<String>,
+    peer_name: String,
 }
 
 fn arg(name: &str, env: &str, default: &str) -> String {
@@ -72,6 +94,7 @@ impl Args {
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("appset-operator")))
             .unwrap_or_else(|| PathBuf::from("appset-operator"));
+        let peer = arg("peer", "BENCH_PEER", "");
         let args = Self {
             secrets: number("secrets", "BENCH_SECRETS", 5000)?,
             secret_size: number("secret-size", "BENCH_SECRET_SIZE", 16 * 1024)?,
@@ -80,6 +103,8 @@ impl Args {
             updates: number("updates", "BENCH_UPDATES", 200)?,
             window: arg("window", "BENCH_WINDOW", "0s"),
             operator: PathBuf::from(arg("operator", "BENCH_OPERATOR", &beside.to_string_lossy())),
+            peer: (!peer.trim().is_empty()).then_some(peer),
+            peer_name: arg("peer-name", "BENCH_PEER_NAME", "peer"),
         };
         if args.deployments == 0 || args.configmaps == 0 || args.secrets == 0 {
             bail!("--secrets, --configmaps and --deployments must be at least 1");
@@ -91,6 +116,10 @@ impl Args {
             );
         }
         Ok(args)
+    }
+
+    fn window(&self) -> Duration {
+        appset_operator::runtime::duration::parse(&self.window).unwrap_or_default()
     }
 }
 
@@ -133,7 +162,7 @@ fn deployment(i: usize, a: &Args) -> Deployment {
         .map(|(k, s)| json!({"name": format!("s{k}"), "secret": {"secretName": format!("secret-{s}")}}))
         .collect();
     serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": {keys::CONFIG_ROLLOUT: keys::CONFIG_ROLLOUT_AUTO}},
+        "metadata": {"name": name, "annotations": {keys::RELOADER_AUTO: "true"}},
         "spec": {
             "replicas": 0,
             "selector": {"matchLabels": {"app": name}},
@@ -166,60 +195,13 @@ where
         .try_for_each(|_| async { Ok(()) })
         .await
         .with_context(|| format!("create {what}"))?;
-    eprintln!("created {n} {what} in {:.1?}", start.elapsed());
+    eprintln!("  created {n} {what} in {:.1?}", start.elapsed());
     Ok(())
 }
 
-/// Deployment name → (template hash, when the watch first showed it).
-type Seen = Arc<Mutex<BTreeMap<String, (Option<String>, Instant)>>>;
-
-/// The operator process; stopped with SIGTERM (then killed) when dropped.
-struct Child(std::process::Child);
-
-impl Child {
-    fn stop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-#[tokio::main]
-async fn main() -> Result<()> {
-    let a = Args::parse()?;
-    let ns = TestNamespace::new("bench-config").await?;
-    let result = run(&a, &ns).await;
-    ns.cleanup().await;
-    result
-}
-
-async fn run(a: &Args, ns: &TestNamespace) -> Result<()> {
-    eprintln!(
-        "namespace {}: {} Secrets of {} B, {} ConfigMaps, {} Deployments, {} updates",
-        ns.name, a.secrets, a.secret_size, a.configmaps, a.deployments, a.updates
-    );
-    let secrets: Api<Secret> = ns.api();
-    let cms: Api<ConfigMap> = ns.api();
-    let deploys: Api<Deployment> = ns.api();
+async fn create_objects(a: &Args, ns: &TestNamespace) -> Result<()> {
     let size = a.secret_size;
-    let api = secrets.clone();
+    let api: Api<Secret> = ns.api();
     create_all("Secrets", a.secrets, move |i| {
         let api = api.clone();
         Box::pin(async move {
@@ -238,7 +220,7 @@ async fn run(a: &Args, ns: &TestNamespace) -> Result<()> {
         })
     })
     .await?;
-    let api = cms.clone();
+    let api: Api<ConfigMap> = ns.api();
     create_all("ConfigMaps", a.configmaps, move |i| {
         let api = api.clone();
         Box::pin(async move {
@@ -257,7 +239,7 @@ async fn run(a: &Args, ns: &TestNamespace) -> Result<()> {
         })
     })
     .await?;
-    let api = deploys.clone();
+    let api: Api<Deployment> = ns.api();
     let objects: Arc<Vec<Deployment>> =
         Arc::new((0..a.deployments).map(|i| deployment(i, a)).collect());
     create_all("Deployments", a.deployments, move |i| {
@@ -266,132 +248,689 @@ async fn run(a: &Args, ns: &TestNamespace) -> Result<()> {
         Box::pin(async move { Ok(api.create(&PostParams::default(), &objects[i]).await?) })
     })
     .await?;
+    // Wait for kube-controller-manager to create every ReplicaSet, so that its writes are not
+    // counted as the controller's.
+    let rs: Api<ReplicaSet> = ns.api();
+    let n = a.deployments;
+    wait_for("every ReplicaSet", Duration::from_secs(600), || async {
+        let have = rs.list_metadata(&ListParams::default()).await?.items.len();
+        Ok(if have >= n {
+            Ok(())
+        } else {
+            Err(format!("{have} ReplicaSets"))
+        })
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(())
+}
 
-    // The operator, as its own process, watching only this namespace.
-    let child = std::process::Command::new(&a.operator)
-        .args(["--namespaces", &ns.name, "--operator-namespace", &ns.name])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--coalesce-window",
-            &a.window,
-            "--min-rollout-interval",
-            "0s",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("start {}", a.operator.display()))?;
-    let mut child = Child(child);
-    let pid = child.0.id();
-    let started = Instant::now();
-    let adopted = wait_for(
-        "every Deployment adopted",
-        Duration::from_secs(900),
-        || async {
-            let list = deploys.list_metadata(&ListParams::default()).await?;
-            let n = list
-                .items
+/// Which controller runs.
+#[derive(Clone)]
+enum Controller {
+    Appset { binary: PathBuf, window: String },
+    Peer { command: String },
+}
+
+/// One run of the controller process; stopped with SIGTERM (then killed) when dropped.
+struct Child {
+    process: std::process::Child,
+    started: Instant,
+}
+
+impl Controller {
+    fn start(&self, ns: &str) -> Result<Child> {
+        let mut cmd = match self {
+            Controller::Appset { binary, window } => {
+                let mut cmd = std::process::Command::new(binary);
+                cmd.args(["--namespaces", ns, "--operator-namespace", ns])
+                    .args(["--listen", "127.0.0.1:0", "--reloader-compat"])
+                    .args(["--coalesce-window", window, "--min-rollout-interval", "0s"])
+                    .env("RUST_LOG", "warn");
+                cmd
+            }
+            Controller::Peer { command } => {
+                let mut cmd = std::process::Command::new("sh");
+                cmd.args([
+                    "-c",
+                    &format!("exec {}", command.replace("{namespace}", ns)),
+                ]);
+                cmd
+            }
+        };
+        let process = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the controller")?;
+        Ok(Child {
+            process,
+            started: Instant::now(),
+        })
+    }
+}
+
+impl Child {
+    fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.process.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.process.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.process.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+
+    /// Waits until the process's CPU time grows by less than 20 ms in one second; returns the
+    /// time from its start to the beginning of that quiet second.
+    async fn settle(&mut self, deadline: Duration) -> Result<Duration> {
+        let pid = self.pid();
+        let mut samples: Vec<(Instant, f64)> = Vec::new();
+        loop {
+            if let Ok(Some(status)) = self.process.try_wait() {
+                bail!("the controller exited while starting: {status}");
+            }
+            let now = Instant::now();
+            let cpu = cpu_seconds(pid).context("the controller's /proc/<pid>/stat")?;
+            samples.push((now, cpu));
+            if let Some(&(t, c)) = samples
                 .iter()
-                .filter(|d| d.annotations().contains_key(keys::CONFIG_HASH_OBSERVED))
-                .count();
-            Ok(if n == a.deployments {
-                Ok(n)
-            } else {
-                Err(format!("{n} adopted"))
-            })
-        },
-    )
-    .await;
-    let adopted = adopted?;
-    let adoption = started.elapsed();
-    let rss_after_adoption = memory_kib(pid, "VmRSS:").unwrap_or_default();
-    eprintln!(
-        "adopted {adopted} Deployments in {adoption:.1?}; operator RSS {rss_after_adoption} KiB"
-    );
+                .find(|(t, _)| now.duration_since(*t) <= Duration::from_secs(1))
+                && now.duration_since(t) >= Duration::from_millis(900)
+                && cpu - c < 0.02
+            {
+                return Ok(t.duration_since(self.started));
+            }
+            if self.started.elapsed() > deadline {
+                bail!("the controller did not settle within {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
-    // Template hashes as the watch sees them, with the time each was seen.
-    let seen: Seen = Arc::default();
-    let sink = seen.clone();
-    let watch = tokio::spawn(
-        watcher(deploys.clone(), watcher::Config::default())
-            .applied_objects()
-            .for_each(move |d| {
-                let sink = sink.clone();
-                async move {
-                    if let Ok(d) = d {
+    fn peak_kib(&self) -> u64 {
+        memory_kib(self.pid(), "VmHWM:").unwrap_or_default()
+    }
+
+    fn cpu(&self) -> f64 {
+        cpu_seconds(self.pid()).unwrap_or_default()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `resourceVersion` and `generation` of every object of a kind, and the Deployments' templates.
+#[derive(Default)]
+struct Versions {
+    rv: HashMap<String, String>,
+    generation: HashMap<String, i64>,
+    template: HashMap<String, String>,
+}
+
+async fn deployment_versions(api: &Api<Deployment>) -> Result<Versions> {
+    let mut v = Versions::default();
+    for d in api.list(&ListParams::default()).await?.items {
+        let name = d.name_any();
+        v.rv.insert(name.clone(), d.resource_version().unwrap_or_default());
+        v.generation
+            .insert(name.clone(), d.metadata.generation.unwrap_or_default());
+        v.template.insert(name, template_of(&d));
+    }
+    Ok(v)
+}
+
+async fn replica_set_versions(api: &Api<ReplicaSet>) -> Result<HashMap<String, String>> {
+    Ok(api
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|r| (r.name_any(), r.resource_version().unwrap_or_default()))
+        .collect())
+}
+
+fn changed(before: &HashMap<String, String>, after: &HashMap<String, String>) -> usize {
+    after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .count()
+}
+
+/// The pod template as JSON: any change of it is a rollout, whatever the controller wrote.
+fn template_of(d: &Deployment) -> String {
+    serde_json::to_string(&d.spec.template).unwrap_or_default()
+}
+
+/// What the start-up (or a restart) of the controller did.
+struct Startup {
+    settled: Duration,
+    /// appset only: until every Deployment carries its baseline label.
+    baselines: Option<Duration>,
+    generation_bumps: i64,
+    deployments_written: usize,
+    replica_sets_written: usize,
+    templates_changed: usize,
+}
+
+/// Reads every version, then starts the controller and observes it until it settles.
+async fn start_and_observe(
+    ns: &TestNamespace,
+    controller: &Controller,
+    deployments: usize,
+) -> Result<(Child, Startup)> {
+    let appset = matches!(controller, Controller::Appset { .. });
+    let deploys: Api<Deployment> = ns.api();
+    let replica_sets: Api<ReplicaSet> = ns.api();
+    // kube-controller-manager may still be working through earlier rollouts: its writes are
+    // not the controller's, so the versions are read once nothing has changed for 3 s.
+    let quiet_since = Instant::now();
+    let (before, rs_before) = loop {
+        let d = deployment_versions(&deploys).await?;
+        let r = replica_set_versions(&replica_sets).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let d2 = deployment_versions(&deploys).await?;
+        let r2 = replica_set_versions(&replica_sets).await?;
+        if (changed(&d.rv, &d2.rv) == 0 && changed(&r, &r2) == 0)
+            || quiet_since.elapsed() > Duration::from_secs(180)
+        {
+            break (d2, r2);
+        }
+    };
+    let mut child = controller.start(&ns.name)?;
+    let baselines = if appset {
+        let started = child.started;
+        wait_for(
+            "every Deployment's baseline",
+            Duration::from_secs(900),
+            || async {
+                let list = deploys.list_metadata(&ListParams::default()).await?;
+                let n = list
+                    .items
+                    .iter()
+                    .filter(|d| d.labels().contains_key(keys::CONFIG_BASELINE))
+                    .count();
+                Ok(if n >= deployments {
+                    Ok(())
+                } else {
+                    Err(format!("{n} baselines"))
+                })
+            },
+        )
+        .await?;
+        Some(started.elapsed())
+    } else {
+        None
+    };
+    let settled = child.settle(Duration::from_secs(900)).await?;
+    // Writes the controller made reach the watch caches of other controllers within moments.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = deployment_versions(&deploys).await?;
+    let rs_after = replica_set_versions(&replica_sets).await?;
+    let generation_bumps = after
+        .generation
+        .iter()
+        .map(|(k, g)| g - before.generation.get(k).copied().unwrap_or(*g))
+        .sum();
+    let startup = Startup {
+        settled,
+        baselines,
+        generation_bumps,
+        deployments_written: changed(&before.rv, &after.rv),
+        replica_sets_written: changed(&rs_before, &rs_after),
+        templates_changed: changed(&before.template, &after.template),
+    };
+    Ok((child, startup))
+}
+
+/// Pod templates as the watch sees them: Deployment name → (template, when first seen).
+type Seen = Arc<Mutex<BTreeMap<String, (String, Instant)>>>;
+
+/// Follows every Deployment's pod template, and counts each change.
+struct TemplateWatch {
+    seen: Seen,
+    changes: Arc<Mutex<HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TemplateWatch {
+    async fn start(api: Api<Deployment>) -> Self {
+        let seen: Seen = Arc::default();
+        let changes: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let (sink, counts) = (seen.clone(), changes.clone());
+        let task = tokio::spawn(
+            watcher(api, watcher::Config::default())
+                .applied_objects()
+                .for_each(move |d| {
+                    let (sink, counts) = (sink.clone(), counts.clone());
+                    async move {
+                        let Ok(d) = d else { return };
+                        let template = template_of(&d);
                         let mut map = sink.lock().await;
-                        let hash = template_hash(&d);
-                        let changed = map
-                            .get(&d.name_any())
-                            .map(|(h, _)| h != &hash)
-                            .unwrap_or(true);
-                        if changed {
-                            map.insert(d.name_any(), (hash, Instant::now()));
+                        match map.get(&d.name_any()) {
+                            Some((t, _)) if *t == template => {}
+                            Some(_) => {
+                                *counts.lock().await.entry(d.name_any()).or_default() += 1;
+                                map.insert(d.name_any(), (template, Instant::now()));
+                            }
+                            None => {
+                                map.insert(d.name_any(), (template, Instant::now()));
+                            }
                         }
                     }
-                }
-            }),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+                }),
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Self {
+            seen,
+            changes,
+            task,
+        }
+    }
 
+    async fn template(&self, name: &str) -> Option<String> {
+        self.seen.lock().await.get(name).map(|(t, _)| t.clone())
+    }
+
+    async fn changes(&self, name: &str) -> usize {
+        self.changes.lock().await.get(name).copied().unwrap_or(0)
+    }
+
+    /// Waits until `name`'s template differs from `before`; returns when it was first seen.
+    async fn changed_from(&self, name: &str, before: &str, deadline: Duration) -> Result<Instant> {
+        wait_for(
+            &format!("{name}'s pod template to change"),
+            deadline,
+            || async {
+                Ok(match self.seen.lock().await.get(name) {
+                    Some((t, at)) if t != before => Ok(*at),
+                    _ => Err("template unchanged".to_string()),
+                })
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for TemplateWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn update(cms: &Api<ConfigMap>, name: &str, value: String) -> Result<()> {
+    cms.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"setting": value}})),
+    )
+    .await
+    .with_context(|| format!("update {name}"))?;
+    Ok(())
+}
+
+/// Every figure of one controller's run.
+struct Figures {
+    startup: Startup,
+    latencies: Vec<Duration>,
+    burst_updates: usize,
+    burst_changes: usize,
+    restart: Startup,
+    stopped_change: Option<Duration>,
+    peak_kib: u64,
+    cpu: f64,
+    load_before: String,
+    load_after: String,
+}
+
+async fn scenario(a: &Args, controller: &Controller, label: &str) -> Result<Figures> {
+    let ns = TestNamespace::new("bench-config").await?;
+    let result = scenario_in(a, controller, label, &ns).await;
+    ns.cleanup().await;
+    result
+}
+
+async fn scenario_in(
+    a: &Args,
+    controller: &Controller,
+    label: &str,
+    ns: &TestNamespace,
+) -> Result<Figures> {
+    eprintln!("{label}: namespace {}", ns.name);
+    create_objects(a, ns).await?;
+    let cms: Api<ConfigMap> = ns.api();
+    let deploys: Api<Deployment> = ns.api();
+    let load_before = load_average();
+
+    // 1. Start-up.
+    let (mut child, startup) = start_and_observe(ns, controller, a.deployments).await?;
+    eprintln!(
+        "  settled {:.1?} after the start; {} Deployments written, {} generation bumps, {} ReplicaSets written, {} templates changed",
+        startup.settled,
+        startup.deployments_written,
+        startup.generation_bumps,
+        startup.replica_sets_written,
+        startup.templates_changed
+    );
+
+    // 2. Latency.
+    let watch = TemplateWatch::start(deploys.clone()).await;
     let mut latencies = Vec::with_capacity(a.updates);
     let stride = (a.deployments / a.updates.max(1)).max(1);
     for u in 0..a.updates {
         let d = (u * stride) % a.deployments;
         let name = format!("app-{d}");
         let cm = format!("config-{}", (d * 2) % a.configmaps);
-        let before = seen.lock().await.get(&name).and_then(|(h, _)| h.clone());
+        let before = watch.template(&name).await.unwrap_or_default();
         let sent = Instant::now();
-        cms.patch(
-            &cm,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"setting": format!("value-{d}-{}", u + 1)}})),
-        )
-        .await
-        .with_context(|| format!("update {cm}"))?;
-        let at = wait_for(
-            &format!("{name} to roll after {cm} changed"),
-            Duration::from_secs(120),
-            || async {
-                Ok(match seen.lock().await.get(&name) {
-                    Some((h, t)) if *h != before && h.is_some() => Ok(*t),
-                    _ => Err("template unchanged".to_string()),
-                })
-            },
-        )
-        .await?;
+        update(&cms, &cm, format!("value-{d}-{}", u + 1)).await?;
+        let at = watch
+            .changed_from(&name, &before, Duration::from_secs(120))
+            .await?;
         latencies.push(at.saturating_duration_since(sent));
     }
-    watch.abort();
-
-    let peak = memory_kib(pid, "VmHWM:").unwrap_or_default();
-    let rss = memory_kib(pid, "VmRSS:").unwrap_or_default();
-    child.stop();
-
     latencies.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+
+    // 3. A burst of updates of one ConfigMap.
+    let burst_target = a.deployments - 1;
+    let burst_name = format!("app-{burst_target}");
+    let burst_cm = format!("config-{}", (burst_target * 2) % a.configmaps);
+    let burst_updates = 5;
+    let changes_before = watch.changes(&burst_name).await;
+    for k in 0..burst_updates {
+        update(&cms, &burst_cm, format!("burst-{k}")).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3) + a.window()).await;
+    let burst_changes = watch.changes(&burst_name).await - changes_before;
+    let mut peak_kib = child.peak_kib();
+    let mut cpu = child.cpu();
+    child.stop();
+    drop(child);
+
+    // 4. Restart with nothing changed.
+    let (mut child, restart) = start_and_observe(ns, controller, a.deployments).await?;
+    peak_kib = peak_kib.max(child.peak_kib());
+    cpu += child.cpu();
+    child.stop();
+    drop(child);
+
+    // 5. A change made while the controller is stopped.
+    let target = format!("app-{}", a.deployments / 2);
+    let target_cm = format!("config-{}", (a.deployments / 2 * 2) % a.configmaps);
+    let before = watch.template(&target).await.unwrap_or_default();
+    update(&cms, &target_cm, "changed-while-stopped".into()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut child = controller.start(&ns.name)?;
+    let started = child.started;
+    let stopped_change = watch
+        .changed_from(&target, &before, Duration::from_secs(60))
+        .await
+        .ok()
+        .map(|at| at.saturating_duration_since(started));
+    if stopped_change.is_none() {
+        // Let the start-up finish so that its CPU and memory count fully.
+        let _ = child.settle(Duration::from_secs(300)).await;
+    }
+    peak_kib = peak_kib.max(child.peak_kib());
+    cpu += child.cpu();
+    child.stop();
+    drop(watch);
+
+    Ok(Figures {
+        startup,
+        latencies,
+        burst_updates,
+        burst_changes,
+        restart,
+        stopped_change,
+        peak_kib,
+        cpu,
+        load_before,
+        load_after: load_average(),
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn latency_text(f: &Figures) -> String {
+    format!(
+        "{:.0} / {:.0} / {:.0} ms",
+        ms(percentile(&f.latencies, 50.0)),
+        ms(percentile(&f.latencies, 95.0)),
+        ms(percentile(&f.latencies, 99.0))
+    )
+}
+
+fn stopped_text(f: &Figures) -> String {
+    match f.stopped_change {
+        Some(d) => format!("rolled {:.1} s after the start", d.as_secs_f64()),
+        None => "not rolled within 60 s".into(),
+    }
+}
+
+/// One Markdown row: `| scenario | measure | appset | reference | ratio | goal |`.
+struct Row {
+    measure: String,
+    appset: String,
+    reference: String,
+    ratio: Option<f64>,
+    goal: String,
+}
+
+fn verdict(ratio: Option<f64>, bound: f64, at_most: bool) -> String {
+    let sign = if at_most { "≤" } else { "≥" };
+    match ratio {
+        None => format!("{sign} {bound:.2} (needs --peer)"),
+        Some(r) if (at_most && r <= bound) || (!at_most && r >= bound) => {
+            format!("{sign} {bound:.2}: met")
+        }
+        Some(_) => format!("{sign} {bound:.2}: not met"),
+    }
+}
+
+fn rows(a: &Args, mine: &Figures, peer: Option<&Figures>) -> Vec<Row> {
+    let name = &a.peer_name;
+    let reference = |text: &dyn Fn(&Figures) -> String| {
+        peer.map(|p| format!("{name} {}", text(p)))
+            .unwrap_or_else(|| "no peer run".into())
+    };
+    let ratio = |value: &dyn Fn(&Figures) -> f64| peer.map(|p| value(mine) / value(p).max(1e-9));
+    let mib = |f: &Figures| f.peak_kib as f64 / 1024.0;
+    let settled = |f: &Figures| f.startup.settled.as_secs_f64();
+    let p99 = |f: &Figures| ms(percentile(&f.latencies, 99.0));
+    let mut out = vec![
+        Row {
+            measure: "peak RSS".into(),
+            appset: format!("{:.1} MiB", mib(mine)),
+            reference: reference(&|f| format!("{:.1} MiB", mib(f))),
+            ratio: ratio(&mib),
+            goal: verdict(ratio(&mib), 0.10, true),
+        },
+        Row {
+            measure: "start-up until settled (CPU quiet)".into(),
+            appset: format!("{:.1} s", settled(mine)),
+            reference: reference(&|f| format!("{:.1} s", settled(f))),
+            ratio: ratio(&settled),
+            goal: verdict(ratio(&settled), 0.50, true),
+        },
+        Row {
+            measure: "controller CPU over the run".into(),
+            appset: format!("{:.1} s", mine.cpu),
+            reference: reference(&|f| format!("{:.1} s", f.cpu)),
+            ratio: ratio(&|f| f.cpu),
+            goal: String::new(),
+        },
+        Row {
+            measure: format!(
+                "ConfigMap update → template changed, p50 / p95 / p99 ({} updates)",
+                mine.latencies.len()
+            ),
+            appset: latency_text(mine),
+            reference: reference(&|f| latency_text(f)),
+            ratio: ratio(&p99),
+            goal: format!("p99 {}", verdict(ratio(&p99), 0.25, true)),
+        },
+    ];
+    let writes = |s: &Startup| {
+        format!(
+            "{} generation bumps, {} Deployments and {} ReplicaSets written, {} templates changed",
+            s.generation_bumps, s.deployments_written, s.replica_sets_written, s.templates_changed
+        )
+    };
+    let quiet_adoption = mine.startup.generation_bumps == 0
+        && mine.startup.replica_sets_written == 0
+        && mine.startup.templates_changed == 0;
+    out.push(Row {
+        measure: format!("what the start-up wrote ({} workloads)", a.deployments),
+        appset: writes(&mine.startup),
+        reference: reference(&|f| writes(&f.startup)),
+        ratio: None,
+        goal: format!(
+            "no generation bump, no ReplicaSet write, no rollout: {}",
+            if quiet_adoption { "met" } else { "not met" }
+        ),
+    });
+    if let Some(b) = mine.startup.baselines {
+        out.push(Row {
+            measure: "start-up until every baseline is recorded".into(),
+            appset: format!("{:.1} s", b.as_secs_f64()),
+            reference: String::new(),
+            ratio: None,
+            goal: String::new(),
+        });
+    }
+    let quiet_restart =
+        mine.restart.deployments_written == 0 && mine.restart.templates_changed == 0;
+    out.push(Row {
+        measure: "restart with nothing changed: what it wrote".into(),
+        appset: writes(&mine.restart),
+        reference: reference(&|f| writes(&f.restart)),
+        ratio: None,
+        goal: format!(
+            "no write at all: {}",
+            if quiet_restart { "met" } else { "not met" }
+        ),
+    });
+    out.push(Row {
+        measure: "restart with nothing changed: until settled".into(),
+        appset: format!("{:.1} s", mine.restart.settled.as_secs_f64()),
+        reference: reference(&|f| format!("{:.1} s", f.restart.settled.as_secs_f64())),
+        ratio: ratio(&|f| f.restart.settled.as_secs_f64()),
+        goal: String::new(),
+    });
+    out.push(Row {
+        measure: format!(
+            "template changes after a burst of {} updates of one ConfigMap, 50 ms apart (window {})",
+            mine.burst_updates, a.window
+        ),
+        appset: mine.burst_changes.to_string(),
+        reference: reference(&|f| f.burst_changes.to_string()),
+        ratio: None,
+        goal: String::new(),
+    });
+    out.push(Row {
+        measure: "a ConfigMap changed while the controller was stopped".into(),
+        appset: stopped_text(mine),
+        reference: reference(&|f| stopped_text(f)),
+        ratio: None,
+        goal: format!(
+            "rolled: {}",
+            if mine.stopped_change.is_some() {
+                "met"
+            } else {
+                "not met"
+            }
+        ),
+    });
+    out.push(Row {
+        measure: "load average before / after".into(),
+        appset: format!("{} / {}", mine.load_before, mine.load_after),
+        reference: peer
+            .map(|p| format!("{name} {} / {}", p.load_before, p.load_after))
+            .unwrap_or_default(),
+        ratio: None,
+        goal: String::new(),
+    });
+    out
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse()?;
     let data_mib = (a.secrets * a.secret_size) as f64 / (1024.0 * 1024.0);
-    println!("config rollout benchmark");
-    println!(
-        "  objects: {} Secrets x {} B ({data_mib:.0} MiB), {} ConfigMaps, {} opted-in Deployments",
-        a.secrets, a.secret_size, a.configmaps, a.deployments
+    let scenario_name = format!(
+        "config rollout: {} Secrets × {} KiB ({data_mib:.0} MiB), {} ConfigMaps, {} Deployments",
+        a.secrets,
+        a.secret_size / 1024,
+        a.configmaps,
+        a.deployments
     );
-    println!("  adoption of every Deployment: {adoption:.1?} (no rollout)");
-    println!(
-        "  operator memory: peak RSS {:.1} MiB, RSS at end {:.1} MiB, after adoption {:.1} MiB",
-        peak as f64 / 1024.0,
-        rss as f64 / 1024.0,
-        rss_after_adoption as f64 / 1024.0
-    );
-    println!(
-        "  ConfigMap update -> Deployment template change over {} updates (coalescing window {}): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        latencies.len(),
-        a.window,
-        ms(percentile(&latencies, 50.0)),
-        ms(percentile(&latencies, 99.0)),
-        ms(latencies.last().copied().unwrap_or_default())
-    );
+    eprintln!("{scenario_name}, {} updates", a.updates);
+    let appset = Controller::Appset {
+        binary: a.operator.clone(),
+        window: a.window.clone(),
+    };
+    let mine = scenario(&a, &appset, "appset").await?;
+    let peer = match &a.peer {
+        Some(command) => Some(
+            scenario(
+                &a,
+                &Controller::Peer {
+                    command: command.clone(),
+                },
+                &a.peer_name,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let rows = rows(&a, &mine, peer.as_ref());
+    println!("{scenario_name}");
+    for r in &rows {
+        let ratio = r
+            .ratio
+            .map(|x| format!(" (ratio {x:.2})"))
+            .unwrap_or_default();
+        println!(
+            "  {}: appset {}; {}{ratio} {}",
+            r.measure, r.appset, r.reference, r.goal
+        );
+    }
+    if let Ok(path) = std::env::var("BENCH_TABLE") {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("open {path}"))?;
+        for r in &rows {
+            writeln!(
+                file,
+                "| {scenario_name} | {} | {} | {} | {} | {} |",
+                r.measure,
+                r.appset,
+                r.reference,
+                r.ratio.map(|x| format!("{x:.2}")).unwrap_or_default(),
+                r.goal
+            )?;
+        }
+    }
     Ok(())
 }
