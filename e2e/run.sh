@@ -18,4 +18,4 @@ if [[ -z "${KUBECONFIG:-}" ]]; then
   "$here/cluster/up.sh"
   export KUBECONFIG="$APPSET_CLUSTER_DIR/kubeconfig"
 fi
-cargo test -p appset-e2e -- --test-threads="${APPSET_E2E_THREADS:-4}" "$@"
+cargo test --no-fail-fast -p appset-e2e -- --test-threads="${APPSET_E2E_THREADS:-4}" "$@"

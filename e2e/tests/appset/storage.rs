@@ -75,11 +75,20 @@ async fn raising_storage_expands_the_claims() -> Result<()> {
         .map(|c| (c.name_any(), c.uid().unwrap_or_default()))
         .collect();
     assert_eq!(after, uids);
-    let st = api.get("web").await?.status.unwrap_or_default();
-    assert_eq!(
-        st.volume_claim_templates[0].requested_storage.as_deref(),
-        Some("2Gi")
-    );
+    // The status is written after the claims in the same reconcile, so it may trail them.
+    wait_for("the status requesting 2Gi", LONG, || async {
+        let st = api.get("web").await?.status.unwrap_or_default();
+        let requested = st
+            .volume_claim_templates
+            .first()
+            .and_then(|t| t.requested_storage.clone());
+        Ok(if requested.as_deref() == Some("2Gi") {
+            Ok(())
+        } else {
+            Err(format!("requested {requested:?}"))
+        })
+    })
+    .await?;
     ns.cleanup().await;
     Ok(())
 }
