@@ -47,10 +47,6 @@ use hyper::{Method, StatusCode};
 use kube::runtime::{reflector, watcher};
 use serde_json::{Value, json};
 
-/// The binary's allocator (`src/main.rs`), so that the figures are those of the binary.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn injections() -> Vec<PodInjection> {
     let specs = [
         (
