@@ -5,8 +5,9 @@
 //! Data flow: [`LeaderElector::acquire`] reads the Lease every retry period (and at once when
 //! a watch of it reports a change), [`decide`] says whether it may be taken, and a take-over is
 //! a `replace` carrying the `resourceVersion` read, so two replicas racing for it cannot both
-//! win. Once it leads, [`LeaderElector::keep`] renews every retry period; each successful renew
-//! opens the [`Fence`] until *the time the renew was sent* plus the renew deadline.
+//! win. Once it leads, [`LeaderElector::keep`] renews every retry period (sooner when little of
+//! the term is left); each successful renew opens the [`Fence`] until *the time the renew was
+//! sent* plus the renew deadline.
 //! [`LeaderElector::release`] gives the Lease up on graceful shutdown.
 //!
 //! Why one writer at a time holds (clocks here are each process's own monotonic clock; no
@@ -404,12 +405,17 @@ impl LeaderElector {
         }
     }
 
-    /// Renews the Lease every retry period; returns (with the fence closed) when another replica
+    /// Renews the Lease every retry period (sooner when little of the term is left, see
+    /// [`renew_pause`]); returns (with the fence closed) when another replica
     /// holds it or when no renew succeeded before the fence's deadline. A renew that hangs is
     /// abandoned at the deadline.
     pub async fn keep(&self) -> Lost {
         loop {
-            tokio::time::sleep(self.timing.retry_period).await;
+            let left = self
+                .fence
+                .until()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(renew_pause(self.timing.retry_period, left)).await;
             let Some(deadline) = self.fence.until().filter(|d| Instant::now() < *d) else {
                 return self.lose(Lost::Deadline);
             };
@@ -472,10 +478,54 @@ impl LeaderElector {
     }
 }
 
+/// How long [`LeaderElector::keep`] waits before the next renew, given the retry period and
+/// how much of the fence's term is `left`: the retry period, shortened when the term would lapse
+/// before a renew sent then could answer (an acquisition whose request hung in a slow API server
+/// leaves little of its term, since the term counts from when the request was sent), but never
+/// below a tenth of the retry period, so that renews that fail at once do not spin.
+fn renew_pause(retry: Duration, left: Option<Duration>) -> Duration {
+    let Some(left) = left else {
+        return retry;
+    };
+    left.saturating_sub(retry / 2).clamp(retry / 10, retry)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_short_term_left_renews_soon() {
+        let retry = Duration::from_secs(2);
+        // Just acquired after a request that hung for 3.2 s of a 4 s deadline: 0.8 s left.
+        assert_eq!(
+            renew_pause(retry, Some(Duration::from_millis(800))),
+            Duration::from_millis(200)
+        );
+        assert_eq!(renew_pause(retry, Some(Duration::from_secs(4))), retry);
+        assert_eq!(renew_pause(retry, None), retry);
+        assert_eq!(renew_pause(retry, Some(Duration::ZERO)), retry / 10);
+    }
+
+    proptest! {
+        /// The pause is between a tenth of the retry period and the retry period; with at
+        /// least one and a half retry periods left it is the retry period (the usual renew
+        /// cadence), and otherwise the renew is sent at least half a retry period before the
+        /// term ends, whenever the floor allows.
+        #[test]
+        fn the_renew_pause_is_bounded(retry_ms in 100u64..20_000, left_ms in 0u64..60_000) {
+            let retry = Duration::from_millis(retry_ms);
+            let left = Duration::from_millis(left_ms);
+            let pause = renew_pause(retry, Some(left));
+            prop_assert!(pause >= retry / 10 && pause <= retry);
+            if left >= retry + retry / 2 {
+                prop_assert_eq!(pause, retry);
+            } else if left >= retry / 2 + retry / 10 {
+                prop_assert!(pause + retry / 2 <= left);
+            }
+        }
+    }
 
     fn spec(holder: Option<&str>, duration: Option<i32>) -> LeaseSpec {
         LeaseSpec {
