@@ -9,7 +9,7 @@ help:
 	@echo "make up      local control plane (built from Go modules, cached) with appset running on it"
 	@echo "make down    stop it and remove its state"
 	@echo "make test    every test: fmt, clippy, unit tests, CRD freshness, end-to-end"
-	@echo "make crds    regenerate charts/appset/crds from the Rust types"
+	@echo "make crds    regenerate charts/appset/files/crds from the Rust types"
 	@echo "make bench   the benchmarks (print figures)"
 
 control-plane:

@@ -86,8 +86,9 @@ pub struct AppSetSpec {
     pub selector: LabelSelector,
 
     /// The pod template. Pods are named `<set>-<ordinal>`, get `hostname` and `subdomain` for
-    /// stable DNS, and carry the labels `appset.dev/pod-name`, `apps.kubernetes.io/pod-index` and
-    /// `controller-revision-hash`.
+    /// stable DNS, and carry the labels `appset.dev/pod-name` and
+    /// `statefulset.kubernetes.io/pod-name` (the pod's name), `apps.kubernetes.io/pod-index`,
+    /// `appset.dev/appset` and `controller-revision-hash`.
     #[schemars(transform = bound_template_labels)]
     pub template: PodTemplateSpec,
 

@@ -1,6 +1,6 @@
 //! Renders the CustomResourceDefinitions of the appset.dev API as YAML.
 //!
-//! The output is deterministic, so the committed copy under `charts/appset/crds/` can be compared
+//! The output is deterministic, so the committed copy under `charts/appset/files/crds/` can be compared
 //! byte for byte with what the types generate (see `tests/crd_yaml.rs`). Regenerate it with
 //! `cargo run -p appset-crds --bin crdgen`.
 

@@ -58,6 +58,9 @@ pub const RELOADER_SECRETS: &str = "secret.reloader.stakater.com/reload";
 
 /// Pod label: the pod's own name, like `statefulset.kubernetes.io/pod-name`.
 pub const POD_NAME_LABEL: &str = "appset.dev/pod-name";
+/// Pod label: the pod's own name under StatefulSet's key, so per-pod Services written for
+/// StatefulSets (common in Kafka, Redis and ZooKeeper charts) select AppSet pods unchanged.
+pub const STATEFULSET_POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 /// Pod label: the ordinal, the same key StatefulSet pods carry.
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 /// Pod label: the ControllerRevision the pod was created from, the same key StatefulSet uses.
@@ -71,7 +74,9 @@ pub const APPSET_NAME_LABEL: &str = "appset.dev/appset";
 pub const INJECTION_NAMESPACE_LABEL: &str = "appset.dev/injection";
 /// The value of [`INJECTION_NAMESPACE_LABEL`] that opts a namespace in.
 pub const INJECTION_ENABLED: &str = "enabled";
-/// Pod annotation: `"disabled"` opts a single pod out of injection.
+/// Pod label (or, the older form, annotation): `"disabled"` opts a single pod out of injection.
+/// As a label the MutatingWebhookConfiguration's `objectSelector` filters on it, so the pod is
+/// never sent to the webhook.
 pub const INJECTION_POD_OPT_OUT: &str = "appset.dev/inject";
 /// The value of [`INJECTION_POD_OPT_OUT`] that opts a pod out.
 pub const INJECTION_DISABLED: &str = "disabled";

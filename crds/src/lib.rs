@@ -5,7 +5,7 @@
 //! * [`podinjection`]: the `PodInjection` custom resource read by the injection webhook.
 //! * [`keys`]: every annotation and label key the project uses.
 //! * [`generate`]: renders the CustomResourceDefinitions as YAML; the `crdgen` binary writes them
-//!   into `charts/appset/crds/`, and a test fails when the committed copy is stale.
+//!   into `charts/appset/files/crds/`, and a test fails when the committed copy is stale.
 //!
 //! Validation the API server can enforce lives in the schema (minimums, enums, CEL rules with
 //! messages that name the field); everything else is validated by the controllers, which report

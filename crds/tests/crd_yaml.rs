@@ -1,10 +1,10 @@
-//! The committed CRD YAML under `charts/appset/crds/` must be exactly what the types generate.
+//! The committed CRD YAML under `charts/appset/files/crds/` must be exactly what the types generate.
 
 use std::path::PathBuf;
 
 #[test]
 fn committed_crds_are_current() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/appset/crds");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/appset/files/crds");
     let files = appset_crds::generate::render().expect("render CRDs");
     assert_eq!(files.len(), 2);
     for (name, generated) in files {

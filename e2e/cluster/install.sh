@@ -24,7 +24,10 @@ export PATH="$bin:$PATH"
 log() { echo "[install] $*" >&2; }
 
 log "helm upgrade --install $release (out-of-cluster mode)"
+# up.sh applied the CRDs already (the e2e suite needs them without a release): the release takes
+# them over, as a cluster upgraded from a chart that shipped them in crds/ would.
 helm upgrade --install "$release" "$repo/charts/appset" --namespace "$ns" --create-namespace \
+  --take-ownership \
   --set operator.enabled=false --set webhook.enabled=false \
   --set webhook.url="https://127.0.0.1:$webhook_port/mutate-pods" --wait --timeout 2m >/dev/null
 
@@ -101,6 +104,6 @@ appset is running on the local cluster:
   operator  pid $(cat "$state/pids/operator"), log $state/logs/operator.log, metrics http://127.0.0.1:$operator_port/metrics
   webhook   pid $(cat "$state/pids/webhook"), log $state/logs/webhook.log, https://127.0.0.1:$webhook_port/mutate-pods
 Look at:
-  kubectl get appsets,podinjections,deployments,pods,pvc -n appset-examples
+  kubectl get appsets.appset.dev,podinjections.appset.dev,deployments,pods,pvc -n appset-examples
   kubectl get pod -n appset-examples -l app=nginx-git -o jsonpath='{.items[0].spec.initContainers[*].name}'
 EOF

@@ -12,6 +12,7 @@
 #   APPSET_CACHE        binary cache (default ~/.cache/appset), see build.sh
 #   APPSET_PORT_BASE    first of the loopback ports used (default 16440)
 #   APPSET_ETCD_DURABLE 1: etcd fsyncs (slower; for fault tests that kill etcd)
+#   APPSET_SKIP_CRDS    1: leave the appset CRDs out (for a test that installs them with the chart)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -230,15 +231,19 @@ EOF
   wait_for "default ServiceAccount" 60 kubectl --kubeconfig "$kubeconfig" get serviceaccount default -n default
 fi
 
-log "installing the appset CRDs"
-kubectl --kubeconfig "$kubeconfig" apply --server-side --force-conflicts -f "$repo/charts/appset/crds/" >/dev/null
-# A CRD has no status for a moment after its creation, and `kubectl wait` fails rather than
-# waits on that: retry until every CRD is Established.
-for i in $(seq 1 60); do
-  kubectl --kubeconfig "$kubeconfig" wait --for=condition=Established crd --all --timeout=5s >/dev/null 2>&1 && break
-  [[ $i == 60 ]] && { log "the appset CRDs did not become Established"; exit 1; }
-  sleep 1
-done
+if [[ "${APPSET_SKIP_CRDS:-}" == 1 ]]; then
+  log "leaving the appset CRDs out (APPSET_SKIP_CRDS=1)"
+else
+  log "installing the appset CRDs"
+  kubectl --kubeconfig "$kubeconfig" apply --server-side --force-conflicts -f "$repo/charts/appset/files/crds/" >/dev/null
+  # A CRD has no status for a moment after its creation, and `kubectl wait` fails rather than
+  # waits on that: retry until every CRD is Established.
+  for i in $(seq 1 60); do
+    kubectl --kubeconfig "$kubeconfig" wait --for=condition=Established crd --all --timeout=5s >/dev/null 2>&1 && break
+    [[ $i == 60 ]] && { log "the appset CRDs did not become Established"; exit 1; }
+    sleep 1
+  done
+fi
 
 cat <<EOF
 appset local cluster is up (Kubernetes v$K8S_VERSION, 2 KWOK nodes, StorageClass "standard").

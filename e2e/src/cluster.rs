@@ -28,9 +28,15 @@ impl OwnCluster {
     /// Brings up a control plane in `.cluster-<name>` on ports from `port_base`, with an etcd
     /// that fsyncs (the shared one does not, for speed, and loses its last writes when killed).
     pub fn up(name: &str, port_base: u16) -> Result<Self> {
+        Self::up_with(name, port_base, &[])
+    }
+
+    /// [`Self::up`] with more environment for `up.sh` (e.g. `APPSET_SKIP_CRDS=1`).
+    pub fn up_with(name: &str, port_base: u16, env: &[(&str, &str)]) -> Result<Self> {
         let root = crate::repo_root();
         let dir = root.join(format!(".cluster-{name}"));
         let out = Command::new(root.join("e2e/cluster/up.sh"))
+            .envs(env.iter().copied())
             .env("APPSET_CLUSTER_DIR", &dir)
             .env("APPSET_PORT_BASE", port_base.to_string())
             // etcd is killed in these tests: it must keep what it acknowledged, as a real one.

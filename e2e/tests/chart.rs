@@ -2,13 +2,17 @@
 //! rejects invalid values with a clear message, and its RBAC is both sufficient (the real
 //! operator and webhook binaries run as the chart's ServiceAccounts and do their jobs) and
 //! minimal (those accounts are denied what they do not need). Upgrades and uninstalls leave the
-//! cluster clean. Leader election hands over between two operator processes.
+//! cluster clean. Leader election hands over between two operator processes. The CRDs are chart
+//! templates: `helm upgrade` updates them and `helm uninstall` keeps them (on a control plane of
+//! the test's own).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use appset_e2e::fixtures::{baseline, wait_adopted};
+use anyhow::{Context, Result, ensure};
+use appset_crds::AppSet;
+use appset_e2e::cluster::OwnCluster;
+use appset_e2e::fixtures::{appset, baseline, wait_adopted};
 use appset_e2e::process::{
     Process, binary, free_port, run, run_ok, scratch_dir, service_account_kubeconfig,
 };
@@ -20,6 +24,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -67,6 +72,10 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
             "appset-system",
             "--kube-version",
             "1.37.2",
+            // The CRDs are checked below, with a server-side apply (they are too large for a
+            // client-side one).
+            "--set",
+            "crds.install=false",
         ];
         args.extend_from_slice(extra);
         let rendered = run_ok("helm", &args)?;
@@ -131,6 +140,76 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
     assert!(
         !unguarded.contains("ValidatingAdmissionPolicy"),
         "{unguarded}"
+    );
+
+    // The CRDs: rendered from files/crds with the release's labels and the keep policy, accepted
+    // by a server-side dry run; none with crds.install=false, no keep with crds.keep=false.
+    let crds_only = |extra: &[&str]| -> Result<String> {
+        let mut args = vec![
+            "template",
+            "dry",
+            &*chart,
+            "-n",
+            "appset-system",
+            "--kube-version",
+            "1.37.2",
+            "--show-only",
+            "templates/crds.yaml",
+        ];
+        args.extend_from_slice(extra);
+        run_ok("helm", &args)
+    };
+    let crds = crds_only(&[])?;
+    assert_eq!(
+        crds.matches("kind: CustomResourceDefinition").count(),
+        2,
+        "{crds}"
+    );
+    assert_eq!(crds.matches("helm.sh/resource-policy: keep").count(), 2);
+    assert_eq!(
+        crds.matches("app.kubernetes.io/managed-by: Helm").count(),
+        2
+    );
+    for name in ["appsets.appset.dev", "podinjections.appset.dev"] {
+        let generated = std::fs::read_to_string(
+            repo_root().join(format!("charts/appset/files/crds/{name}.yaml")),
+        )?;
+        let spec = generated
+            .split_once("\nspec:\n")
+            .map(|(_, spec)| spec)
+            .context("a generated CRD without spec")?;
+        assert!(
+            crds.contains(spec),
+            "{name}: the rendered spec differs from the generated one"
+        );
+    }
+    let file = dir.join("rendered-crds.yaml");
+    std::fs::write(&file, &crds)?;
+    let out = run_ok(
+        "kubectl",
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-f",
+            &file.to_string_lossy(),
+        ],
+    )?;
+    assert!(
+        out.contains("customresourcedefinition.apiextensions.k8s.io/appsets.appset.dev"),
+        "{out}"
+    );
+    let unkept = crds_only(&["--set", "crds.keep=false"])?;
+    assert_eq!(unkept.matches("kind: CustomResourceDefinition").count(), 2);
+    assert!(!unkept.contains("helm.sh/resource-policy"), "{unkept}");
+    let none = run_ok(
+        "helm",
+        &["template", "dry", &*chart, "--set", "crds.install=false"],
+    )?;
+    assert!(
+        none.contains("kind: Deployment") && !none.contains("kind: CustomResourceDefinition"),
+        "crds.install=false: {none}"
     );
     Ok(())
 }
@@ -200,6 +279,9 @@ async fn chart_rbac_is_sufficient_and_minimal_and_uninstall_is_clean() -> Result
             &chart(),
             "-n",
             &release_ns.name,
+            // The shared control plane's CRDs come from up.sh, not from a release.
+            "--set",
+            "crds.install=false",
             "--set",
             &format!("watchNamespaces={{{}}}", workloads.name),
             "--set",
@@ -575,6 +657,9 @@ async fn chart_guard_lets_the_webhook_account_change_only_the_ca_bundle() -> Res
             &chart(),
             "-n",
             &release_ns.name,
+            // The shared control plane's CRDs come from up.sh, not from a release.
+            "--set",
+            "crds.install=false",
             "--set",
             "operator.enabled=false",
             "--set",
@@ -995,5 +1080,194 @@ async fn leader_election_hands_over_and_an_in_flight_rollout_completes() -> Resu
     drop(second);
     home.cleanup().await;
     wl.cleanup().await;
+    Ok(())
+}
+
+/// The AppSet CRD's name.
+const APPSET_CRD: &str = "appsets.appset.dev";
+
+/// A copy of the chart whose AppSet CRD lacks `spec.<field>`: the chart of an earlier version,
+/// before that field existed.
+fn chart_without(field: &str) -> Result<String> {
+    let dir = scratch_dir("chart-crd-old")?.join("appset");
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&repo_root().join("charts/appset"), &dir)?;
+    let path = dir.join("files/crds").join(format!("{APPSET_CRD}.yaml"));
+    let mut crd: CustomResourceDefinition =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&path)?)?;
+    for version in &mut crd.spec.versions {
+        let spec = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("spec"))
+            .and_then(|s| s.properties.as_mut())
+            .context("the AppSet CRD has no spec schema")?;
+        ensure!(
+            spec.remove(field).is_some(),
+            "the AppSet CRD has no spec.{field}"
+        );
+    }
+    let text = format!(
+        "{}{}",
+        appset_crds::generate::HEADER,
+        serde_yaml_ng::to_string(&crd)?
+    );
+    std::fs::write(&path, text)?;
+    Ok(dir.to_string_lossy().into_owned())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The spec.progressDeadlineSeconds of AppSet `name` as stored (600, its default, when the
+/// field was pruned).
+async fn stored_deadline(sets: &Api<AppSet>, name: &str) -> Result<i32> {
+    Ok(sets.get(name).await?.spec.progress_deadline_seconds)
+}
+
+/// The CRDs are templates of the chart, not its `crds/` directory (which Helm installs once and
+/// never upgrades): a field the installed CRD lacks is served after `helm upgrade`, the CRDs
+/// carry the release's labels and the keep policy, and `helm uninstall` leaves them, and the
+/// AppSets, in place. On a control plane of its own started without the CRDs, since the shared
+/// one's CRDs are applied by up.sh and every other test uses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_upgrade_updates_the_crds_and_uninstall_keeps_them() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| {
+        OwnCluster::up_with("crds", 16640, &[("APPSET_SKIP_CRDS", "1")])
+    })
+    .await??;
+    let kubeconfig = cluster.kubeconfig.to_string_lossy().into_owned();
+    let client = cluster.client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    ensure!(
+        crds.get_opt(APPSET_CRD).await?.is_none(),
+        "the control plane started with the CRDs"
+    );
+    let helm = |args: &[&str]| -> Result<String> {
+        let mut all = args.to_vec();
+        all.extend(["--kubeconfig", &kubeconfig, "-n", "appset-system"]);
+        run_ok("helm", &all)
+    };
+    let components_off = [
+        "--set",
+        "operator.enabled=false",
+        "--set",
+        "webhook.enabled=false",
+    ];
+
+    let old = chart_without("progressDeadlineSeconds")?;
+    let mut install = vec!["install", "crds", &*old, "--create-namespace"];
+    install.extend(components_off);
+    helm(&install)?;
+    let crd = wait_for(
+        "the AppSet CRD Established",
+        Duration::from_secs(60),
+        || async {
+            let crd = crds.get_opt(APPSET_CRD).await?;
+            let established = crd.as_ref().is_some_and(|c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            });
+            Ok(match crd {
+                Some(c) if established => Ok(c),
+                other => Err(format!("{:?}", other.map(|c| c.status))),
+            })
+        },
+    )
+    .await?;
+    let annotations = crd.metadata.annotations.clone().unwrap_or_default();
+    let labels = crd.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep"),
+        "{annotations:?}"
+    );
+    assert_eq!(
+        annotations
+            .get("meta.helm.sh/release-name")
+            .map(String::as_str),
+        Some("crds")
+    );
+    assert_eq!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("Helm")
+    );
+    ensure!(
+        crds.get_opt("podinjections.appset.dev").await?.is_some(),
+        "the PodInjection CRD was not installed"
+    );
+
+    // The old shape is what is served: the field is pruned.
+    let ns = TestNamespace::on(client.clone(), "crd-upgrade", &[]).await?;
+    let sets = ns.api::<AppSet>();
+    let set = appset("db", 1, json!({"progressDeadlineSeconds": 123}))?;
+    wait_for("the AppSet created", Duration::from_secs(30), || async {
+        Ok(match sets.create(&PostParams::default(), &set).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.to_string()),
+        })
+    })
+    .await?;
+    assert_eq!(
+        stored_deadline(&sets, "db").await?,
+        600,
+        "the old CRD kept a field it does not have"
+    );
+
+    let current = chart();
+    let mut upgrade = vec!["upgrade", "crds", &*current];
+    upgrade.extend(components_off);
+    helm(&upgrade)?;
+    // The new shape is served: the field is kept.
+    let patch = Patch::Merge(json!({"spec": {"progressDeadlineSeconds": 123}}));
+    wait_for(
+        "spec.progressDeadlineSeconds served after the upgrade",
+        Duration::from_secs(60),
+        || async {
+            sets.patch("db", &PatchParams::default(), &patch).await?;
+            let stored = stored_deadline(&sets, "db").await?;
+            Ok(if stored == 123 {
+                Ok(())
+            } else {
+                Err(format!("stored {stored}"))
+            })
+        },
+    )
+    .await?;
+
+    // Uninstall keeps the CRDs, so the AppSet (and its pods and claims) live on.
+    helm(&["uninstall", "crds", "--wait"])?;
+    for name in [APPSET_CRD, "podinjections.appset.dev"] {
+        let crd = crds.get_opt(name).await?;
+        ensure!(
+            crd.is_some_and(|c| c.metadata.deletion_timestamp.is_none()),
+            "helm uninstall removed the CRD {name}"
+        );
+    }
+    assert_eq!(stored_deadline(&sets, "db").await?, 123);
+    drop(cluster);
     Ok(())
 }

@@ -246,6 +246,23 @@ async fn nginx_with_git_content_is_injected_and_opt_out_is_honoured() -> Result<
                 .is_empty(),
             "opted-out pod got init containers"
         );
+        // The label form of the opt-out (the one the chart's objectSelector filters on): the
+        // PodInjection still selects the pod, and nothing is injected.
+        let mut labelled = nginx_pod("opted-out-label")?;
+        labelled
+            .metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(
+                keys::INJECTION_POD_OPT_OUT.to_string(),
+                keys::INJECTION_DISABLED.to_string(),
+            );
+        let created = pods.create(&PostParams::default(), &labelled).await?;
+        ensure!(
+            !is_injected(&created),
+            "pod opted out by label was injected: {}",
+            describe(&created)
+        );
         // A pod the selector does not match is untouched.
         let mut other = nginx_pod("other")?;
         other.metadata.labels = Some(

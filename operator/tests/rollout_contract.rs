@@ -87,7 +87,7 @@ impl World {
         let recorder = Recorder::new(
             running.client.clone(),
             Reporter {
-                controller: "appset-config-rollout".into(),
+                controller: appset_operator::config::controller::CONTROLLER_NAME.into(),
                 instance: None,
             },
         );

@@ -95,7 +95,7 @@ async fn snapshot_mode_copies_before_it_pins_and_hands_the_copies_to_the_replica
     let recorder = Recorder::new(
         running.client.clone(),
         Reporter {
-            controller: "appset-config-rollout".into(),
+            controller: appset_operator::config::controller::CONTROLLER_NAME.into(),
             instance: None,
         },
     );

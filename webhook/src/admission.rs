@@ -12,7 +12,7 @@
 //! Denials carry `status.code` 403 and a message that names both sides of every conflict.
 //!
 //! Requests that are not a Pod CREATE, pods in a namespace the cache knows is not opted in, and
-//! pods annotated `appset.dev/inject: disabled` are allowed unchanged.
+//! pods labelled or annotated `appset.dev/inject: disabled` are allowed unchanged.
 //!
 //! The `/pin-config` route has its own decision, [`PinDecision`] from [`decide_pin`] (or
 //! [`respond_pin`] in one step), over the same parsing and wire format: it never injects, it only
@@ -161,7 +161,7 @@ fn check<O>(review: ReviewIn<O>, object: impl FnOnce(O) -> Object) -> Result<Req
 pub enum Skip {
     /// Not a Pod CREATE.
     NotPodCreate,
-    /// The pod carries `appset.dev/inject: disabled`.
+    /// The pod carries `appset.dev/inject: disabled` (label or annotation).
     OptedOut,
     /// No PodInjection matched, or all that match are already applied.
     NothingToDo,
@@ -230,12 +230,10 @@ where
         Ok(p) => p,
         Err(message) => return Decision::Invalid { uid, message },
     };
-    if pod
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(matching::pod_opted_out)
-    {
+    if matching::pod_opted_out(
+        pod.metadata.labels.as_ref(),
+        pod.metadata.annotations.as_ref(),
+    ) {
         return allow(Skip::OptedOut);
     }
     let namespace = namespace_of(req, &pod);

@@ -12,6 +12,10 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+/// The name the webhook reports its Events under (`reportingController`), under the project's
+/// domain like the operator's controllers.
+pub const REPORTING_CONTROLLER: &str = "appset.dev/webhook";
+
 /// One denial to report: the PodInjection and the message given to the client.
 #[derive(Debug, Clone)]
 pub struct Denial {
@@ -43,7 +47,7 @@ pub async fn publish(client: Client, mut rx: mpsc::Receiver<Denial>) {
     let recorder = Recorder::new(
         client,
         Reporter {
-            controller: "appset-webhook".into(),
+            controller: REPORTING_CONTROLLER.into(),
             instance: std::env::var("POD_NAME").ok(),
         },
     );

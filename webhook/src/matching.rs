@@ -7,7 +7,9 @@
 //!    MutatingWebhookConfiguration's `namespaceSelector` already keeps other namespaces from ever
 //!    reaching the webhook; the namespace label cache is consulted again when it knows the
 //!    namespace, so a label removed a moment ago is honoured without waiting for the API server;
-//! 2. the pod must not carry `appset.dev/inject: disabled`;
+//! 2. the pod must not carry `appset.dev/inject: disabled`, as a label (which the
+//!    MutatingWebhookConfiguration's `objectSelector` also filters on, so such a pod never
+//!    reaches the webhook) or as an annotation (the older form, honoured here);
 //! 3. a PodInjection applies when it lives in the pod's namespace and its selector matches the
 //!    pod's labels (an empty selector matches every pod; a selector with an unknown operator
 //!    matches none, as the API server would refuse it anyway).
@@ -29,11 +31,17 @@ pub fn namespace_enabled(labels: &BTreeMap<String, String>) -> bool {
         .is_some_and(|v| v == keys::INJECTION_ENABLED)
 }
 
-/// Whether a pod's annotations opt it out of injection.
-pub fn pod_opted_out(annotations: &BTreeMap<String, String>) -> bool {
-    annotations
-        .get(keys::INJECTION_POD_OPT_OUT)
-        .is_some_and(|v| v == keys::INJECTION_DISABLED)
+/// Whether a pod opts out of injection: `appset.dev/inject: disabled` as a label or as an
+/// annotation.
+pub fn pod_opted_out(
+    labels: Option<&BTreeMap<String, String>>,
+    annotations: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let disabled = |m: Option<&BTreeMap<String, String>>| {
+        m.and_then(|m| m.get(keys::INJECTION_POD_OPT_OUT))
+            .is_some_and(|v| v == keys::INJECTION_DISABLED)
+    };
+    disabled(labels) || disabled(annotations)
 }
 
 /// Whether `selector` matches `labels`, with the semantics of Kubernetes label selectors
@@ -184,13 +192,18 @@ mod tests {
             "true"
         )])));
         assert!(!namespace_enabled(&labels(&[])));
-        assert!(pod_opted_out(&labels(&[(
-            keys::INJECTION_POD_OPT_OUT,
-            keys::INJECTION_DISABLED
-        )])));
-        assert!(!pod_opted_out(&labels(&[(
-            keys::INJECTION_POD_OPT_OUT,
-            "enabled"
-        )])));
+        let disabled = labels(&[(keys::INJECTION_POD_OPT_OUT, keys::INJECTION_DISABLED)]);
+        let enabled = labels(&[(keys::INJECTION_POD_OPT_OUT, "enabled")]);
+        let other = labels(&[("app", "web")]);
+        assert!(pod_opted_out(Some(&disabled), None), "the label");
+        assert!(pod_opted_out(None, Some(&disabled)), "the annotation");
+        assert!(pod_opted_out(Some(&other), Some(&disabled)));
+        assert!(
+            pod_opted_out(Some(&disabled), Some(&enabled)),
+            "either one suffices"
+        );
+        assert!(!pod_opted_out(Some(&enabled), Some(&enabled)));
+        assert!(!pod_opted_out(Some(&other), None));
+        assert!(!pod_opted_out(None, None));
     }
 }

@@ -1,5 +1,5 @@
-//! Writes the appset CRDs into a directory (default `charts/appset/crds`), or prints them with
-//! `--stdout`.
+//! Writes the appset CRDs into a directory (default `charts/appset/files/crds`, which the chart
+//! renders as templates), or prints them with `--stdout`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     let dir = args.first().map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../charts/appset/crds"
+            "/../charts/appset/files/crds"
         ))
     });
     if let Err(err) = std::fs::create_dir_all(&dir) {

@@ -18,6 +18,7 @@ async fn three_replicas_get_pods_claims_service_and_status() -> Result<()> {
         let labels = pod.labels();
         assert_eq!(labels.get(keys::POD_NAME_LABEL), Some(pname));
         assert_eq!(labels.get(keys::POD_INDEX_LABEL), Some(&o.to_string()));
+        assert_eq!(labels.get(keys::STATEFULSET_POD_NAME_LABEL), Some(pname));
         assert_eq!(
             labels.get(keys::APPSET_NAME_LABEL).map(String::as_str),
             Some("web")
@@ -45,6 +46,35 @@ async fn three_replicas_get_pods_claims_service_and_status() -> Result<()> {
             ("AppSet", uid.as_str())
         );
     }
+    // A pod that lost an identity label (as one created before the StatefulSet key was
+    // written would lack it) gets it back, in place: same uid, same revision.
+    let pod_api = ns.api::<Pod>();
+    let before = &pods["web-1"];
+    pod_api
+        .patch(
+            "web-1",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {keys::STATEFULSET_POD_NAME_LABEL: null}}}),
+            ),
+        )
+        .await?;
+    let relabelled = wait_for("web-1 labelled again", LONG, || async {
+        let p = pod_api.get("web-1").await?;
+        Ok(match p.labels().get(keys::STATEFULSET_POD_NAME_LABEL) {
+            Some(v) if v == "web-1" => Ok(p),
+            other => Err(format!("label {other:?}")),
+        })
+    })
+    .await?;
+    ensure!(
+        relabelled.uid() == before.uid(),
+        "web-1 was replaced, not relabelled"
+    );
+    ensure!(
+        revision_of(&relabelled) == revision_of(before),
+        "web-1 changed revision"
+    );
     let claims = ns.api::<PersistentVolumeClaim>();
     wait_for("3 claims Bound", LONG, || async {
         let list = claims.list(&ListParams::default()).await?;
@@ -134,7 +164,14 @@ async fn scaling_keeps_claims_by_default_and_works_through_the_scale_subresource
 
     // `kubectl scale` goes through the scale subresource.
     let out = Command::new("kubectl")
-        .args(["scale", "appset", "web", "--replicas=4", "-n", &ns.name])
+        .args([
+            "scale",
+            "appsets.appset.dev",
+            "web",
+            "--replicas=4",
+            "-n",
+            &ns.name,
+        ])
         .output()
         .context("run kubectl (is the cluster's bin directory on PATH?)")?;
     assert!(

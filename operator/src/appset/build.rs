@@ -148,16 +148,44 @@ pub fn adopted_owner_references(set: &AppSet, pod: &Pod) -> Vec<OwnerReference> 
     refs
 }
 
+/// The labels that name a pod's place in its AppSet: its name (under appset's key and
+/// StatefulSet's), its ordinal and the AppSet's name. They never change for a pod, whatever the
+/// revision.
+pub fn identity_labels(set_name: &str, ordinal: i32) -> [(&'static str, String); 4] {
+    let name = pod_name(set_name, ordinal);
+    [
+        (keys::POD_NAME_LABEL, name.clone()),
+        (keys::STATEFULSET_POD_NAME_LABEL, name),
+        (keys::POD_INDEX_LABEL, ordinal.to_string()),
+        (keys::APPSET_NAME_LABEL, set_name.to_string()),
+    ]
+}
+
+/// The identity labels a live pod lacks or carries with another value (a pod created by an
+/// older appset, or a label removed by hand), to be written back onto it; empty when it has
+/// them all.
+pub fn missing_identity_labels(
+    set_name: &str,
+    ordinal: i32,
+    labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    identity_labels(set_name, ordinal)
+        .into_iter()
+        .filter(|(k, v)| labels.get(*k) != Some(v))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
 /// The pod at `ordinal`, built from a revision's `template`.
 pub fn pod(set: &AppSet, template: &PodTemplateSpec, revision: &str, ordinal: i32) -> Pod {
     let set_name = set.name_any();
     let name = pod_name(&set_name, ordinal);
     let tmeta = template.metadata.clone().unwrap_or_default();
     let mut labels = tmeta.labels.unwrap_or_default();
-    labels.insert(keys::POD_NAME_LABEL.into(), name.clone());
-    labels.insert(keys::POD_INDEX_LABEL.into(), ordinal.to_string());
+    for (k, v) in identity_labels(&set_name, ordinal) {
+        labels.insert(k.into(), v);
+    }
     labels.insert(keys::CONTROLLER_REVISION_HASH_LABEL.into(), revision.into());
-    labels.insert(keys::APPSET_NAME_LABEL.into(), set_name.clone());
     let mut spec = template.spec.clone().unwrap_or_default();
     spec.hostname = Some(name.clone());
     if let Some(svc) = set.spec.service_name.as_deref().filter(|s| !s.is_empty()) {
@@ -362,6 +390,31 @@ mod tests {
     }
 
     #[test]
+    fn missing_identity_labels_are_those_absent_or_wrong() {
+        let set = web();
+        let p = pod(&set, &set.spec.template, "web-abc", 1);
+        let full = p.metadata.labels.clone().unwrap_or_default();
+        assert!(missing_identity_labels("web", 1, &full).is_empty());
+        let mut older = full.clone();
+        older.remove(keys::STATEFULSET_POD_NAME_LABEL);
+        older.insert(keys::POD_INDEX_LABEL.into(), "7".into());
+        let missing = missing_identity_labels("web", 1, &older);
+        assert_eq!(
+            missing.into_iter().collect::<Vec<_>>(),
+            [
+                (keys::POD_INDEX_LABEL.to_string(), "1".to_string()),
+                (
+                    keys::STATEFULSET_POD_NAME_LABEL.to_string(),
+                    "web-1".to_string()
+                ),
+            ]
+        );
+        // Labels of the template or the user are not the controller's to compare.
+        older.insert("team".into(), "db".into());
+        assert_eq!(missing_identity_labels("web", 1, &older).len(), 2);
+    }
+
+    #[test]
     fn the_pod_has_its_identity_volumes_and_owner() {
         let set = web();
         let p = pod(&set, &set.spec.template, "web-abc", 2);
@@ -376,6 +429,12 @@ mod tests {
         assert_eq!(
             labels.get(keys::POD_INDEX_LABEL).map(String::as_str),
             Some("2")
+        );
+        assert_eq!(
+            labels
+                .get(keys::STATEFULSET_POD_NAME_LABEL)
+                .map(String::as_str),
+            Some("web-2")
         );
         assert_eq!(
             labels

@@ -45,7 +45,7 @@ use crate::kubeapi::{self, Namespaced, Scope, api_in, release_on_sync};
 use crate::sourcewatch::{SourceChange, SourceWatch, Subscriptions};
 
 /// The name the controller reports Events under.
-pub const CONTROLLER_NAME: &str = "appset-controller";
+pub const CONTROLLER_NAME: &str = "appset.dev/appset-controller";
 
 /// Errors of a reconcile. Each one names the object and the operation.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,7 @@ use super::{build, revision};
 use crate::confighash::rotation::{self, AppSetConfig, Comparison, Digests, Observed};
 use crate::confighash::{discovery, fetch};
 
-use crate::kubeapi::{is_controlled_by, merge_params};
+use crate::kubeapi::{is_controlled_by, is_not_found, merge_params};
 
 /// The AppSet being reconciled: its name, namespace and uid, checked once.
 #[derive(Clone, Debug)]
@@ -122,6 +122,9 @@ pub async fn pods(ctx: &Context, set: &AppSet, t: &Target) -> Result<Vec<PodInfo
                 PodOwnership::Ignore => continue,
                 PodOwnership::Adopt => adopt_pod(ctx, set, t, &api, &pod).await?,
             };
+            let Some(pod) = label_identity(t, &api, pod).await? else {
+                continue;
+            };
             infos.extend(pod_info(&t.name, &pod));
         }
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
@@ -158,6 +161,39 @@ async fn adopt_pod(
     )
     .await;
     Ok(adopted)
+}
+
+/// Writes back the identity labels ([`build::identity_labels`]) an owned pod lacks: a pod
+/// created by an older appset (before `statefulset.kubernetes.io/pod-name`), or one whose label
+/// was removed by hand, so that per-pod Services find it. Only labels change: the pod keeps its
+/// uid, revision and containers. A terminating pod is left as it is; `None` when the pod is
+/// already gone.
+async fn label_identity(t: &Target, api: &Api<Pod>, pod: Pod) -> Result<Option<Pod>, Error> {
+    let Some(ordinal) = pod
+        .metadata
+        .name
+        .as_deref()
+        .and_then(|n| plan::parse_pod_ordinal(&t.name, n))
+    else {
+        return Ok(Some(pod));
+    };
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(Some(pod));
+    }
+    let missing = build::missing_identity_labels(&t.name, ordinal, pod.labels());
+    if missing.is_empty() {
+        return Ok(Some(pod));
+    }
+    let pname = pod.name_any();
+    let patch = json!({"metadata": {"labels": missing}});
+    match api
+        .patch(&pname, &merge_params(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(labelled) => Ok(Some(labelled)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(kube_err(format!("label pod {}/{pname}", t.ns))(e)),
+    }
 }
 
 /// What the planner needs to know about a pod named `<set>-<ordinal>`; `None` for other names.
@@ -280,7 +316,7 @@ pub async fn config_hash(
         .and_then(Observed::parse);
     if !fetched.missing.is_empty() {
         let names: Vec<String> = fetched.missing.iter().map(ToString::to_string).collect();
-        ctx.event(set, EventType::Warning, "ConfigSourceMissing", "HashConfig", format!(
+        ctx.event(set, EventType::Warning, "MissingConfigSource", "HashConfig", format!(
             "the template references {} which do not exist; the config hash is not updated until they do",
             names.join(", ")
         )).await;

@@ -51,7 +51,7 @@ use crate::sourcewatch::SourceVersions;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
 /// The name the controller reports Events as.
-pub const CONTROLLER_NAME: &str = "appset-config-rollout";
+pub const CONTROLLER_NAME: &str = "appset.dev/config-rollout";
 
 /// Errors of one reconcile (retried by the error policy).
 #[derive(Debug, thiserror::Error)]

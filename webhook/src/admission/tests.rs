@@ -103,6 +103,18 @@ fn opt_out_and_other_operations_are_untouched() {
         }
     ));
 
+    // The label form, which the configuration's objectSelector also filters on.
+    let mut labelled = nginx(json!({}));
+    labelled["metadata"]["labels"][keys::INJECTION_POD_OPT_OUT] = json!(keys::INJECTION_DISABLED);
+    let (d, _) = run(&review("site", labelled));
+    assert!(matches!(
+        d,
+        Decision::Allow {
+            skip: Skip::OptedOut,
+            ..
+        }
+    ));
+
     let mut update = review("site", nginx(json!({})));
     update["request"]["operation"] = json!("UPDATE");
     let (d, _) = run(&update);

@@ -170,7 +170,7 @@ impl TlsManager {
             recorder: Recorder::new(
                 client,
                 Reporter {
-                    controller: "appset-webhook".into(),
+                    controller: crate::events::REPORTING_CONTROLLER.into(),
                     instance: std::env::var("POD_NAME").ok(),
                 },
             ),
