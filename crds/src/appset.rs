@@ -366,7 +366,8 @@ pub struct AppSetStatus {
     pub last_progress_time: Option<Time>,
     /// `Ready`, `Available`, `Progressing` and (with volumeClaimTemplates)
     /// `VolumeClaimsInSync`, with reasons a person can act on. `Ready` is True once the rollout
-    /// is complete and every replica is available.
+    /// is complete and every replica is available; kstatus's `Reconciling` (on the way there)
+    /// and `Stalled` (past the progress deadline) are present only while True.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// One entry per volumeClaimTemplate.

@@ -12,15 +12,20 @@
 //!   `minReadySeconds`), `currentReplicas` and `updatedReplicas` (pods at each revision).
 //! * `currentRevision` becomes the update revision once every pod is at it and Ready and the
 //!   pod count equals `spec.replicas`; until then pods below the partition keep the old one.
-//! * `Ready` is what status tools wait for (kstatus, `kubectl wait --for=condition=Ready`, the
-//!   Argo CD health check): True with reason `RolloutComplete` once every pod the strategy
+//! * `Ready` is what `kubectl wait --for=condition=Ready` and the Argo CD health check wait
+//!   for: True with reason `RolloutComplete` once every pod the strategy
 //!   targets (from the partition up) is at the update revision, every replica slot has an
 //!   available pod and no pod beyond `spec.replicas` is left; with `OnDelete`, True with reason
-//!   `AwaitingPodDeletion` when only users' deletions are missing (as StatefulSet's `OnDelete`
-//!   is complete for kstatus and Helm). Otherwise False, with the first of
+//!   `AwaitingPodDeletion` when only users' deletions are missing (as Helm's wait treats a
+//!   StatefulSet with `OnDelete`). Otherwise False, with the first of
 //!   `ProgressDeadlineExceeded` (the rollout stalled), `RollingOut` (targeted pods not at the
 //!   update revision), `ReplicasUnavailable` (fewer available pods than `spec.replicas`) and
 //!   `ScalingDown` (pods beyond `spec.replicas` still exist).
+//! * `Reconciling` and `Stalled` are kstatus's "abnormal-true" conditions, present only while
+//!   True: `Reconciling` while `Ready` is False for any reason but a stall, `Stalled` once the
+//!   progress deadline passed, each with `Ready`'s reason and message. kstatus (Helm's and
+//!   Flux's waits) reads these and not `Ready`, so without them it would call an AppSet current
+//!   as soon as `observedGeneration` matched.
 //! * `Available` has Deployment's meaning: at least `replicas - maxUnavailable` pods available.
 //! * `Progressing` is True with reason `RolloutComplete` when every pod the strategy targets is
 //!   at the update revision and available, `RolloutInProgress` while counters keep moving, and
@@ -45,6 +50,10 @@ use super::plan::PodInfo;
 
 /// Condition type: the rollout is complete and every replica is available.
 pub const READY: &str = "Ready";
+/// Condition type (kstatus): present and True while the AppSet moves towards Ready.
+pub const RECONCILING: &str = "Reconciling";
+/// Condition type (kstatus): present and True while the rollout is stalled.
+pub const STALLED: &str = "Stalled";
 /// Condition type: enough pods are available.
 pub const AVAILABLE: &str = "Available";
 /// Condition type: the rollout state and its deadline.
@@ -167,7 +176,28 @@ pub fn compute(input: &StatusInput<'_>) -> StatusOutcome {
         ready_condition(input, &counts, &progress.condition),
         prev(READY),
     );
+    let abnormal = if ready.status == "True" {
+        None
+    } else if ready.reason == PROGRESS_DEADLINE_EXCEEDED {
+        Some(STALLED)
+    } else {
+        Some(RECONCILING)
+    };
+    let abnormal = abnormal.map(|type_| {
+        let c = Condition {
+            type_: type_.to_string(),
+            status: "True".to_string(),
+            ..ready.clone()
+        };
+        // Absent means False: the time is kept only while it stays present.
+        let mut c = keep_transition(c, prev(type_));
+        if prev(type_).is_none() {
+            c.last_transition_time = input.now.clone();
+        }
+        c
+    });
     let mut conditions = vec![ready, available, progress.condition];
+    conditions.extend(abnormal);
     if let Some(c) = claims_condition(input) {
         conditions.push(keep_transition(c, prev(VOLUME_CLAIMS_IN_SYNC)));
     }
@@ -834,6 +864,46 @@ mod tests {
     }
 
     #[test]
+    fn kstatus_conditions_are_present_only_while_true() {
+        let has = |s: &AppSetStatus, t: &str| s.conditions.iter().any(|c| c.type_ == t);
+        let rolling = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", false),
+        ];
+        let first = compute(&input(&rolling, None, T0)).status;
+        assert_eq!(reason(&first, RECONCILING), ("True", ROLLING_OUT));
+        assert_eq!(
+            cond(&first, RECONCILING).message,
+            cond(&first, READY).message
+        );
+        assert!(!has(&first, STALLED));
+        // Still rolling later: the transition time is kept.
+        let idle = compute(&input(&rolling, Some(&first), T0 + 100)).status;
+        assert_eq!(cond(&idle, RECONCILING).last_transition_time, at(T0));
+        // Stalled: Reconciling goes, Stalled comes.
+        let stalled = compute(&input(&rolling, Some(&idle), T0 + 600)).status;
+        assert!(!has(&stalled, RECONCILING));
+        assert_eq!(
+            reason(&stalled, STALLED),
+            ("True", PROGRESS_DEADLINE_EXCEEDED)
+        );
+        assert_eq!(cond(&stalled, STALLED).last_transition_time, at(T0 + 600));
+        // Done: neither.
+        let done = vec![
+            pod(0, "new", true),
+            pod(1, "new", true),
+            pod(2, "new", true),
+        ];
+        let s = compute(&input(&done, Some(&stalled), T0 + 700)).status;
+        assert!(
+            !has(&s, RECONCILING) && !has(&s, STALLED),
+            "{:?}",
+            s.conditions
+        );
+    }
+
+    #[test]
     fn ready_is_false_with_the_reason_why() {
         // Pods not at the update revision.
         let rolling = vec![
@@ -1154,6 +1224,18 @@ mod tests {
                         if !on_delete {
                             prop_assert_eq!(ready.reason.as_str(), ROLLOUT_COMPLETE);
                         }
+                    }
+                    // kstatus's conditions follow Ready.
+                    let has = |t: &str| s.conditions.iter().find(|c| c.type_ == t);
+                    let stalled = ready.reason == PROGRESS_DEADLINE_EXCEEDED;
+                    prop_assert_eq!(has(STALLED).is_some(), stalled);
+                    prop_assert_eq!(
+                        has(RECONCILING).is_some(),
+                        ready.status == "False" && !stalled
+                    );
+                    for c in [has(STALLED), has(RECONCILING)].into_iter().flatten() {
+                        prop_assert_eq!(c.status.as_str(), "True");
+                        prop_assert_eq!(&c.reason, &ready.reason);
                     }
                     prop_assert_eq!(
                         ready.status == "True",
