@@ -10,7 +10,8 @@
 //! * `progressDeadlineSeconds` bounds a rollout; the `Progressing` condition reports a stall.
 //!
 //! The status mirrors StatefulSet's and adds `labelSelector` (for the scale subresource and HPA),
-//! `configHash`, conditions and per-template volume claim status.
+//! `configHash`, `lastProgressTime`, conditions (`Ready`, `Available`, `Progressing`) and
+//! per-template volume claim status.
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
@@ -60,6 +61,12 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".status.updateRevision",
         description = "The revision pods are rolled to"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "The reason of the Ready condition"
     ),
     printcolumn(
         name = "Age",
@@ -353,7 +360,15 @@ pub struct AppSetStatus {
     /// coalescing window (`--coalesce-window`) and the minimum interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_config_since: Option<Time>,
-    /// `Available` and `Progressing`, with reasons a person can act on.
+    /// When the rollout last made progress: a rollout started, or the pod counters, the update
+    /// revision or the observed generation last changed. `progressDeadlineSeconds` is measured
+    /// from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
+    /// `Ready`, `Available`, `Progressing` and (with volumeClaimTemplates)
+    /// `VolumeClaimsInSync`, with reasons a person can act on. `Ready` is True once the rollout
+    /// is complete and every replica is available; kstatus's `Reconciling` (on the way there)
+    /// and `Stalled` (past the progress deadline) are present only while True.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// One entry per volumeClaimTemplate.

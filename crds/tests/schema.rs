@@ -135,7 +135,20 @@ fn appset_crd_names_subresources_and_columns() {
         .iter()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(cols, ["Replicas", "Ready", "Updated", "Revision", "Age"]);
+    assert_eq!(
+        cols,
+        ["Replicas", "Ready", "Updated", "Revision", "Status", "Age"]
+    );
+    let status = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .find(|c| c.name == "Status")
+        .expect("Status column");
+    assert_eq!(
+        status.json_path, r#".status.conditions[?(@.type=="Ready")].reason"#,
+        "the Ready condition's reason"
+    );
 
     let pi = PodInjection::crd();
     assert_eq!(

@@ -127,6 +127,11 @@ async fn three_replicas_get_pods_claims_service_and_status() -> Result<()> {
         condition(&set, "Progressing"),
         Some(("True".into(), "RolloutComplete".into()))
     );
+    assert_eq!(
+        condition(&set, "Ready"),
+        Some(("True".into(), "RolloutComplete".into()))
+    );
+    assert!(st.last_progress_time.is_some(), "lastProgressTime is set");
     assert_eq!(st.volume_claim_templates.len(), 1);
     assert_eq!(st.volume_claim_templates[0].claims, 3);
     ns.cleanup().await;

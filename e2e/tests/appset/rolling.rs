@@ -145,7 +145,13 @@ async fn template_change_rolls_highest_first_within_partition_and_max_unavailabl
         })
     })
     .await?;
-    let st = api.get("web").await?.status.unwrap_or_default();
+    let set = api.get("web").await?;
+    assert_eq!(
+        condition(&set, "Ready"),
+        Some(("True".into(), "RolloutComplete".into())),
+        "Ready once the pods from the partition up are updated"
+    );
+    let st = set.status.unwrap_or_default();
     assert_eq!(st.current_revision.as_deref(), Some(old.as_str()));
     assert_eq!((st.updated_replicas, st.current_replicas), (4, 1));
     {
@@ -285,19 +291,32 @@ async fn a_broken_template_followed_by_a_fixed_one_completes_without_manual_dele
         assert!(is_ready(&p));
     }
     assert!(!is_ready(&pods.get("web-2").await?));
+    // The rollout cannot complete, so the AppSet is not Ready (still rolling or stalled).
+    let ready = condition(&api.get("web").await?, "Ready");
+    assert!(
+        matches!(&ready, Some((s, r)) if s == "False" && (r == "RollingOut" || r == "ProgressDeadlineExceeded")),
+        "Ready during the rollout: {ready:?}"
+    );
     // The stall is reported once the progress deadline (5 s here) passes.
-    wait_for(
+    let ready = wait_for(
         "Progressing False/ProgressDeadlineExceeded",
         LONG,
         || async {
             let set = api.get("web").await?;
             Ok(match condition(&set, "Progressing") {
-                Some((s, r)) if s == "False" && r == "ProgressDeadlineExceeded" => Ok(()),
+                Some((s, r)) if s == "False" && r == "ProgressDeadlineExceeded" => {
+                    Ok(condition(&set, "Ready"))
+                }
                 other => Err(format!("{other:?}")),
             })
         },
     )
     .await?;
+    assert_eq!(
+        ready,
+        Some(("False".into(), "ProgressDeadlineExceeded".into())),
+        "a stalled rollout is not Ready"
+    );
     let events = ns
         .api::<k8s_openapi::api::events::v1::Event>()
         .list(&ListParams::default())

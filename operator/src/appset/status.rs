@@ -12,16 +12,35 @@
 //!   `minReadySeconds`), `currentReplicas` and `updatedReplicas` (pods at each revision).
 //! * `currentRevision` becomes the update revision once every pod is at it and Ready and the
 //!   pod count equals `spec.replicas`; until then pods below the partition keep the old one.
+//! * `Ready` is what `kubectl wait --for=condition=Ready` and the Argo CD health check wait
+//!   for: True with reason `RolloutComplete` once every pod the strategy
+//!   targets (from the partition up) is at the update revision, every replica slot has an
+//!   available pod and no pod beyond `spec.replicas` is left; with `OnDelete`, True with reason
+//!   `AwaitingPodDeletion` when only users' deletions are missing (as Helm's wait treats a
+//!   StatefulSet with `OnDelete`). Otherwise False, with the first of
+//!   `ProgressDeadlineExceeded` (the rollout stalled), `RollingOut` (targeted pods not at the
+//!   update revision), `ReplicasUnavailable` (fewer available pods than `spec.replicas`) and
+//!   `ScalingDown` (pods beyond `spec.replicas` still exist).
+//! * `Reconciling` and `Stalled` are kstatus's "abnormal-true" conditions, present only while
+//!   True: `Reconciling` while `Ready` is False for any reason but a stall, `Stalled` once the
+//!   progress deadline passed, each with `Ready`'s reason and message. kstatus (Helm's and
+//!   Flux's waits) reads these and not `Ready`, so without them it would call an AppSet current
+//!   as soon as `observedGeneration` matched.
 //! * `Available` has Deployment's meaning: at least `replicas - maxUnavailable` pods available.
 //! * `Progressing` is True with reason `RolloutComplete` when every pod the strategy targets is
 //!   at the update revision and available, `RolloutInProgress` while counters keep moving, and
 //!   turns False with reason `ProgressDeadlineExceeded` after `progressDeadlineSeconds` without
-//!   any change. For this condition `lastTransitionTime` is the time of the last progress (the
-//!   role of Deployment's `lastUpdateTime`, which `metav1.Condition` lacks). With `OnDelete`, a
-//!   rollout that only waits for users to delete pods reports `AwaitingPodDeletion` and never
-//!   stalls.
+//!   any progress. With `OnDelete`, a rollout that only waits for users to delete pods reports
+//!   `AwaitingPodDeletion` and never stalls.
+//! * `lastProgressTime` is when the rollout last made progress: the counters, the update
+//!   revision or the observed generation changed, or a rollout started. The deadline is measured
+//!   from it. A status written before the field existed has none: the time is then taken from
+//!   `Progressing`'s `lastTransitionTime`, which held it in that version, so an upgrade neither
+//!   stalls a rollout early nor restarts its deadline.
 //! * `VolumeClaimsInSync` reports claims still resizing or template changes Kubernetes cannot
 //!   apply (present only when the AppSet has volumeClaimTemplates).
+//! * A condition's `lastTransitionTime` changes only when its status flips (True/False), as
+//!   `metav1.Condition` defines it; reasons and messages may change in between.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -29,14 +48,32 @@ use appset_crds::appset::{AppSetStatus, UpdateStrategyType, VolumeClaimTemplateS
 
 use super::plan::PodInfo;
 
+/// Condition type: the rollout is complete and every replica is available.
+pub const READY: &str = "Ready";
+/// Condition type (kstatus): present and True while the AppSet moves towards Ready.
+pub const RECONCILING: &str = "Reconciling";
+/// Condition type (kstatus): present and True while the rollout is stalled.
+pub const STALLED: &str = "Stalled";
 /// Condition type: enough pods are available.
 pub const AVAILABLE: &str = "Available";
 /// Condition type: the rollout state and its deadline.
 pub const PROGRESSING: &str = "Progressing";
 /// Condition type: claims match their templates.
 pub const VOLUME_CLAIMS_IN_SYNC: &str = "VolumeClaimsInSync";
-/// `Progressing` reason when the deadline passed without progress.
+/// `Progressing` and `Ready` reason when the deadline passed without progress.
 pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+/// `Progressing` and `Ready` reason: the targeted pods are at the update revision and available.
+pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+/// `Progressing` reason while a rollout or a scale moves.
+pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+/// `Progressing` and `Ready` reason with `OnDelete`: only users' pod deletions are missing.
+pub const AWAITING_POD_DELETION: &str = "AwaitingPodDeletion";
+/// `Ready` reason: targeted pods are not at the update revision yet.
+pub const ROLLING_OUT: &str = "RollingOut";
+/// `Ready` reason: fewer pods are available than `spec.replicas`.
+pub const REPLICAS_UNAVAILABLE: &str = "ReplicasUnavailable";
+/// `Ready` reason: pods beyond `spec.replicas` still exist.
+pub const SCALING_DOWN: &str = "ScalingDown";
 
 /// Everything the status is computed from.
 #[derive(Clone, Debug)]
@@ -114,11 +151,10 @@ fn condition(
     }
 }
 
-/// Keeps the previous transition time when status and reason did not change.
+/// Keeps the previous transition time when the status did not flip.
 fn keep_transition(mut c: Condition, previous: Option<&Condition>) -> Condition {
     if let Some(p) = previous
         && p.status == c.status
-        && p.reason == c.reason
     {
         c.last_transition_time = p.last_transition_time.clone();
     }
@@ -136,7 +172,32 @@ pub fn compute(input: &StatusInput<'_>) -> StatusOutcome {
 
     let available = keep_transition(available_condition(input, &counts), prev(AVAILABLE));
     let progress = progressing_condition(input, &counts, prev(PROGRESSING));
-    let mut conditions = vec![available, progress.condition];
+    let ready = keep_transition(
+        ready_condition(input, &counts, &progress.condition),
+        prev(READY),
+    );
+    let abnormal = if ready.status == "True" {
+        None
+    } else if ready.reason == PROGRESS_DEADLINE_EXCEEDED {
+        Some(STALLED)
+    } else {
+        Some(RECONCILING)
+    };
+    let abnormal = abnormal.map(|type_| {
+        let c = Condition {
+            type_: type_.to_string(),
+            status: "True".to_string(),
+            ..ready.clone()
+        };
+        // Absent means False: the time is kept only while it stays present.
+        let mut c = keep_transition(c, prev(type_));
+        if prev(type_).is_none() {
+            c.last_transition_time = input.now.clone();
+        }
+        c
+    });
+    let mut conditions = vec![ready, available, progress.condition];
+    conditions.extend(abnormal);
     if let Some(c) = claims_condition(input) {
         conditions.push(keep_transition(c, prev(VOLUME_CLAIMS_IN_SYNC)));
     }
@@ -157,6 +218,7 @@ pub fn compute(input: &StatusInput<'_>) -> StatusOutcome {
             config_digest: input.config_digest.clone(),
             config_rollout_time: input.config_rollout_time.clone(),
             pending_config_since: input.pending_config_since.clone(),
+            last_progress_time: Some(progress.last_progress),
             conditions,
             volume_claim_templates: input.volume_claim_templates.clone(),
         },
@@ -176,7 +238,9 @@ struct Counts<'a> {
     current_revision: &'a str,
     /// Pods in range and targeted by the update that are not at the update revision.
     outdated: i32,
-    /// Whether every replica slot has an available pod.
+    /// Available pods in a replica slot.
+    in_range_available: i32,
+    /// Whether every replica slot has an available pod and no other pod is left.
     all_there: bool,
 }
 
@@ -202,6 +266,8 @@ impl<'a> Counts<'a> {
             UpdateStrategyType::RollingUpdate => p.ordinal - input.start_ordinal >= input.partition,
             UpdateStrategyType::OnDelete => true,
         };
+        let in_range_available =
+            count(&|p| in_range(p) && p.is_available(input.min_ready_seconds, now_s));
         Self {
             replicas,
             ready,
@@ -210,9 +276,8 @@ impl<'a> Counts<'a> {
             current: count(&|p| is_rev(p, current_revision)),
             current_revision,
             outdated: count(&|p| in_range(p) && targeted(p) && !is_rev(p, input.update_revision)),
-            all_there: replicas == input.replicas
-                && count(&|p| in_range(p) && p.is_available(input.min_ready_seconds, now_s))
-                    == input.replicas,
+            in_range_available,
+            all_there: replicas == input.replicas && in_range_available == input.replicas,
         }
     }
 }
@@ -239,64 +304,14 @@ struct Progress {
     stalled_now: bool,
     /// Seconds until the deadline must be checked again.
     check_deadline_after: Option<i64>,
+    /// The time of the last progress, for `lastProgressTime`.
+    last_progress: Time,
 }
 
-/// `Progressing`: complete, waiting for OnDelete deletions, in progress (with its deadline),
-/// or stalled past `progressDeadlineSeconds`.
-fn progressing_condition(
-    input: &StatusInput<'_>,
-    counts: &Counts<'_>,
-    prev: Option<&Condition>,
-) -> Progress {
-    let (now, generation) = (&input.now, input.generation);
-    let done = |condition| Progress {
-        condition,
-        stalled_now: false,
-        check_deadline_after: None,
-    };
-    if counts.all_there && counts.outdated == 0 {
-        let message = format!(
-            "{} pods available; revision {} rolled out",
-            counts.replicas, input.update_revision
-        );
-        let c = condition(
-            PROGRESSING,
-            true,
-            "RolloutComplete",
-            message,
-            now,
-            generation,
-        );
-        return done(keep_transition(c, prev));
-    }
-    if counts.all_there && input.strategy == UpdateStrategyType::OnDelete {
-        let message = format!(
-            "{} pods are not at revision {}; with OnDelete they are replaced when deleted",
-            counts.outdated, input.update_revision
-        );
-        let c = condition(
-            PROGRESSING,
-            true,
-            "AwaitingPodDeletion",
-            message,
-            now,
-            generation,
-        );
-        return done(keep_transition(c, prev));
-    }
-    let detail = format!(
-        "{} of {} pods updated to revision {}, {} available{}",
-        counts.updated,
-        input.replicas,
-        input.update_revision,
-        counts.available,
-        input
-            .waiting
-            .as_deref()
-            .map(|w| format!("; {w}"))
-            .unwrap_or_default()
-    );
-    let progressed = match input.previous {
+/// Whether anything moved since the previous status: the counters, the update revision or the
+/// observed generation. Without a previous status everything is new.
+fn progressed(input: &StatusInput<'_>, counts: &Counts<'_>) -> bool {
+    match input.previous {
         None => true,
         Some(p) => {
             (
@@ -310,55 +325,202 @@ fn progressing_condition(
                 counts.available,
                 counts.updated,
             ) || p.update_revision.as_deref() != Some(input.update_revision)
-                || p.observed_generation != generation
+                || p.observed_generation != input.generation
         }
+    }
+}
+
+/// The last progress the previous status recorded: its `lastProgressTime`, or for a status
+/// written before that field existed, `Progressing`'s `lastTransitionTime` (which held the time
+/// of the last progress then). Without either, now.
+fn recorded_progress(input: &StatusInput<'_>, prev: Option<&Condition>) -> Time {
+    input
+        .previous
+        .and_then(|s| s.last_progress_time.clone())
+        .or_else(|| prev.map(|c| c.last_transition_time.clone()))
+        .unwrap_or_else(|| input.now.clone())
+}
+
+/// A time as the API writes it, to the second.
+fn show(t: &Time) -> String {
+    k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", t.0)
+        .unwrap_or_else(|_| t.0.to_string())
+}
+
+/// `Progressing`: complete, waiting for OnDelete deletions, in progress (with its deadline),
+/// or stalled past `progressDeadlineSeconds`.
+fn progressing_condition(
+    input: &StatusInput<'_>,
+    counts: &Counts<'_>,
+    prev: Option<&Condition>,
+) -> Progress {
+    let (now, generation) = (&input.now, input.generation);
+    let moved = progressed(input, counts);
+    let last_progress = if moved {
+        now.clone()
+    } else {
+        recorded_progress(input, prev)
+    };
+    let settled = |condition| Progress {
+        condition: keep_transition(condition, prev),
+        stalled_now: false,
+        check_deadline_after: None,
+        last_progress: last_progress.clone(),
+    };
+    if counts.all_there && counts.outdated == 0 {
+        let message = format!(
+            "{} pods available; revision {} rolled out",
+            counts.replicas, input.update_revision
+        );
+        return settled(condition(
+            PROGRESSING,
+            true,
+            ROLLOUT_COMPLETE,
+            message,
+            now,
+            generation,
+        ));
+    }
+    if counts.all_there && input.strategy == UpdateStrategyType::OnDelete {
+        let message = format!(
+            "{} pods are not at revision {}; with OnDelete they are replaced when deleted",
+            counts.outdated, input.update_revision
+        );
+        return settled(condition(
+            PROGRESSING,
+            true,
+            AWAITING_POD_DELETION,
+            message,
+            now,
+            generation,
+        ));
+    }
+    let detail = format!(
+        "{} of {} pods updated to revision {}, {} available{}",
+        counts.updated,
+        input.replicas,
+        input.update_revision,
+        counts.available,
+        input
+            .waiting
+            .as_deref()
+            .map(|w| format!("; {w}"))
+            .unwrap_or_default()
+    );
+    let stalled = |last: &Time| {
+        condition(
+            PROGRESSING,
+            false,
+            PROGRESS_DEADLINE_EXCEEDED,
+            format!("no progress since {}: {detail}", show(last)),
+            now,
+            generation,
+        )
     };
     match prev {
-        Some(p) if !progressed && p.reason == PROGRESS_DEADLINE_EXCEEDED => done(Condition {
-            message: detail,
-            ..p.clone()
-        }),
-        Some(p) if !progressed && p.reason == "RolloutInProgress" => {
-            let elapsed = now.0.as_second() - p.last_transition_time.0.as_second();
+        Some(p) if !moved && p.reason == PROGRESS_DEADLINE_EXCEEDED => Progress {
+            condition: keep_transition(stalled(&last_progress), prev),
+            stalled_now: false,
+            check_deadline_after: None,
+            last_progress,
+        },
+        Some(p) if !moved && p.reason == ROLLOUT_IN_PROGRESS => {
+            let elapsed = now.0.as_second() - last_progress.0.as_second();
             if elapsed >= input.progress_deadline_seconds {
-                let message = format!("no progress for {elapsed}s: {detail}");
                 Progress {
-                    condition: condition(
-                        PROGRESSING,
-                        false,
-                        PROGRESS_DEADLINE_EXCEEDED,
-                        message,
-                        now,
-                        generation,
-                    ),
+                    condition: keep_transition(stalled(&last_progress), prev),
                     stalled_now: true,
                     check_deadline_after: None,
+                    last_progress,
                 }
             } else {
+                let c = condition(
+                    PROGRESSING,
+                    true,
+                    ROLLOUT_IN_PROGRESS,
+                    detail,
+                    now,
+                    generation,
+                );
                 Progress {
-                    condition: Condition {
-                        message: detail,
-                        observed_generation: generation,
-                        ..p.clone()
-                    },
+                    condition: keep_transition(c, prev),
                     stalled_now: false,
                     check_deadline_after: Some(input.progress_deadline_seconds - elapsed),
+                    last_progress,
                 }
             }
         }
-        _ => Progress {
-            condition: condition(
+        // Progress, or a rollout that starts now: the deadline runs from now.
+        _ => {
+            let c = condition(
                 PROGRESSING,
                 true,
-                "RolloutInProgress",
+                ROLLOUT_IN_PROGRESS,
                 detail,
                 now,
                 generation,
-            ),
-            stalled_now: false,
-            check_deadline_after: Some(input.progress_deadline_seconds),
-        },
+            );
+            Progress {
+                condition: keep_transition(c, prev),
+                stalled_now: false,
+                check_deadline_after: Some(input.progress_deadline_seconds),
+                last_progress: now.clone(),
+            }
+        }
     }
+}
+
+/// `Ready`: the rollout is complete and every replica is available. See the module
+/// documentation for the reasons and their order.
+fn ready_condition(
+    input: &StatusInput<'_>,
+    counts: &Counts<'_>,
+    progressing: &Condition,
+) -> Condition {
+    let rev = input.update_revision;
+    let (ok, reason, message) = if progressing.reason == PROGRESS_DEADLINE_EXCEEDED {
+        (
+            false,
+            PROGRESS_DEADLINE_EXCEEDED,
+            progressing.message.clone(),
+        )
+    } else if counts.outdated > 0 && input.strategy == UpdateStrategyType::RollingUpdate {
+        let message = format!(
+            "rolling out revision {rev}: {} pods still to update, {} of {} available",
+            counts.outdated, counts.in_range_available, input.replicas
+        );
+        (false, ROLLING_OUT, message)
+    } else if counts.in_range_available < input.replicas {
+        let message = format!(
+            "{} of {} pods available",
+            counts.in_range_available, input.replicas
+        );
+        (false, REPLICAS_UNAVAILABLE, message)
+    } else if counts.replicas > input.replicas {
+        let message = format!(
+            "{} pods exist, {} wanted: waiting for the others to be deleted",
+            counts.replicas, input.replicas
+        );
+        (false, SCALING_DOWN, message)
+    } else if counts.outdated > 0 {
+        let message = format!(
+            "{} pods available; {} are not at revision {rev} and are replaced when deleted (OnDelete)",
+            input.replicas, counts.outdated
+        );
+        (true, AWAITING_POD_DELETION, message)
+    } else if input.strategy == UpdateStrategyType::RollingUpdate && input.partition > 0 {
+        let message = format!(
+            "{} pods available; the pods from ordinal {} up are at revision {rev} (partition {})",
+            input.replicas,
+            input.start_ordinal.saturating_add(input.partition),
+            input.partition
+        );
+        (true, ROLLOUT_COMPLETE, message)
+    } else {
+        let message = format!("{} pods available at revision {rev}", input.replicas);
+        (true, ROLLOUT_COMPLETE, message)
+    };
+    condition(READY, ok, reason, message, &input.now, input.generation)
 }
 
 /// `VolumeClaimsInSync`, when the AppSet has claim templates: a template that cannot be
@@ -675,5 +837,450 @@ mod tests {
                 .iter()
                 .all(|c| c.type_ != VOLUME_CLAIMS_IN_SYNC)
         );
+    }
+
+    fn reason<'a>(s: &'a AppSetStatus, t: &str) -> (&'a str, &'a str) {
+        let c = cond(s, t);
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn ready_once_the_rollout_is_complete() {
+        let pods = vec![
+            pod(0, "new", true),
+            pod(1, "new", true),
+            pod(2, "new", true),
+        ];
+        let s = compute(&input(&pods, None, T0)).status;
+        assert_eq!(reason(&s, READY), ("True", ROLLOUT_COMPLETE));
+        let r = cond(&s, READY);
+        assert_eq!(r.observed_generation, Some(2));
+        assert!(
+            r.message.contains("3 pods available at revision new"),
+            "{}",
+            r.message
+        );
+        assert_eq!(s.conditions[0].type_, READY, "Ready comes first");
+    }
+
+    #[test]
+    fn kstatus_conditions_are_present_only_while_true() {
+        let has = |s: &AppSetStatus, t: &str| s.conditions.iter().any(|c| c.type_ == t);
+        let rolling = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", false),
+        ];
+        let first = compute(&input(&rolling, None, T0)).status;
+        assert_eq!(reason(&first, RECONCILING), ("True", ROLLING_OUT));
+        assert_eq!(
+            cond(&first, RECONCILING).message,
+            cond(&first, READY).message
+        );
+        assert!(!has(&first, STALLED));
+        // Still rolling later: the transition time is kept.
+        let idle = compute(&input(&rolling, Some(&first), T0 + 100)).status;
+        assert_eq!(cond(&idle, RECONCILING).last_transition_time, at(T0));
+        // Stalled: Reconciling goes, Stalled comes.
+        let stalled = compute(&input(&rolling, Some(&idle), T0 + 600)).status;
+        assert!(!has(&stalled, RECONCILING));
+        assert_eq!(
+            reason(&stalled, STALLED),
+            ("True", PROGRESS_DEADLINE_EXCEEDED)
+        );
+        assert_eq!(cond(&stalled, STALLED).last_transition_time, at(T0 + 600));
+        // Done: neither.
+        let done = vec![
+            pod(0, "new", true),
+            pod(1, "new", true),
+            pod(2, "new", true),
+        ];
+        let s = compute(&input(&done, Some(&stalled), T0 + 700)).status;
+        assert!(
+            !has(&s, RECONCILING) && !has(&s, STALLED),
+            "{:?}",
+            s.conditions
+        );
+    }
+
+    #[test]
+    fn ready_is_false_with_the_reason_why() {
+        // Pods not at the update revision.
+        let rolling = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", true),
+        ];
+        let s = compute(&input(&rolling, None, T0)).status;
+        assert_eq!(reason(&s, READY), ("False", ROLLING_OUT));
+        assert!(
+            cond(&s, READY).message.contains("2 pods still to update"),
+            "{}",
+            cond(&s, READY).message
+        );
+        // Every pod updated, one not ready.
+        let unready = vec![
+            pod(0, "new", true),
+            pod(1, "new", true),
+            pod(2, "new", false),
+        ];
+        let s = compute(&input(&unready, None, T0)).status;
+        assert_eq!(reason(&s, READY), ("False", REPLICAS_UNAVAILABLE));
+        assert!(cond(&s, READY).message.contains("2 of 3"));
+        // Ready but not yet for minReadySeconds.
+        let mut young = vec![
+            pod(0, "new", true),
+            pod(1, "new", true),
+            pod(2, "new", true),
+        ];
+        young[2].ready_since = Some(T0 - 5);
+        let mut i = input(&young, None, T0);
+        i.min_ready_seconds = 10;
+        assert_eq!(
+            reason(&compute(&i).status, READY),
+            ("False", REPLICAS_UNAVAILABLE)
+        );
+        // A scale-down still deleting its last pod.
+        let extra = vec![
+            pod(0, "new", true),
+            pod(1, "new", true),
+            pod(2, "new", true),
+            pod(3, "new", true),
+        ];
+        let s = compute(&input(&extra, None, T0)).status;
+        assert_eq!(reason(&s, READY), ("False", SCALING_DOWN));
+        assert!(cond(&s, READY).message.contains("4 pods exist, 3 wanted"));
+        // A missing pod (scale-up).
+        let missing = vec![pod(0, "new", true), pod(1, "new", true)];
+        assert_eq!(
+            reason(&compute(&input(&missing, None, T0)).status, READY),
+            ("False", REPLICAS_UNAVAILABLE)
+        );
+    }
+
+    #[test]
+    fn a_stalled_rollout_is_not_ready() {
+        let pods = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", false),
+        ];
+        let first = compute(&input(&pods, None, T0)).status;
+        let stalled = compute(&input(&pods, Some(&first), T0 + 600)).status;
+        assert_eq!(
+            reason(&stalled, READY),
+            ("False", PROGRESS_DEADLINE_EXCEEDED)
+        );
+        assert!(
+            cond(&stalled, READY)
+                .message
+                .starts_with("no progress since"),
+            "{}",
+            cond(&stalled, READY).message
+        );
+        // Ready stayed False: its transition time is the first computation's.
+        assert_eq!(cond(&stalled, READY).last_transition_time, at(T0));
+    }
+
+    #[test]
+    fn partition_and_on_delete_are_ready_when_the_strategy_is_done() {
+        let pods = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", true),
+        ];
+        let mut i = input(&pods, None, T0);
+        i.partition = 2;
+        let s = compute(&i).status;
+        assert_eq!(reason(&s, READY), ("True", ROLLOUT_COMPLETE));
+        assert!(cond(&s, READY).message.contains("partition 2"));
+        // Partition 1: pod 1 is targeted and still old.
+        i.partition = 1;
+        assert_eq!(reason(&compute(&i).status, READY), ("False", ROLLING_OUT));
+
+        let mut i = input(&pods, None, T0);
+        i.strategy = UpdateStrategyType::OnDelete;
+        let s = compute(&i).status;
+        assert_eq!(reason(&s, READY), ("True", AWAITING_POD_DELETION));
+        assert!(
+            cond(&s, READY)
+                .message
+                .contains("2 are not at revision new")
+        );
+        // OnDelete with a pod missing is not ready.
+        let two = &pods[..2];
+        let mut i = input(two, None, T0);
+        i.strategy = UpdateStrategyType::OnDelete;
+        assert_eq!(
+            reason(&compute(&i).status, READY),
+            ("False", REPLICAS_UNAVAILABLE)
+        );
+    }
+
+    #[test]
+    fn scaled_to_zero_is_ready() {
+        let mut i = input(&[], None, T0);
+        i.replicas = 0;
+        let s = compute(&i).status;
+        assert_eq!(reason(&s, READY), ("True", ROLLOUT_COMPLETE));
+        assert_eq!(reason(&s, PROGRESSING), ("True", ROLLOUT_COMPLETE));
+    }
+
+    #[test]
+    fn last_progress_time_moves_with_progress_only() {
+        let pods = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", false),
+        ];
+        let first = compute(&input(&pods, None, T0)).status;
+        assert_eq!(first.last_progress_time, Some(at(T0)));
+        let idle = compute(&input(&pods, Some(&first), T0 + 100)).status;
+        assert_eq!(idle.last_progress_time, Some(at(T0)), "nothing moved");
+        let better = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", true),
+        ];
+        let moved = compute(&input(&better, Some(&idle), T0 + 200)).status;
+        assert_eq!(moved.last_progress_time, Some(at(T0 + 200)));
+        // Progressing stayed True: its transition time is still the first one.
+        assert_eq!(cond(&moved, PROGRESSING).last_transition_time, at(T0));
+        // The deadline runs from the last progress, not from the transition.
+        let out = compute(&input(&better, Some(&moved), T0 + 700));
+        assert!(!out.stalled_now);
+        assert_eq!(out.check_deadline_after, Some(100));
+        let out = compute(&input(&better, Some(&out.status), T0 + 800));
+        assert!(out.stalled_now);
+        assert!(
+            cond(&out.status, PROGRESSING)
+                .message
+                .contains("no progress since 2023-11-14T22:16:40Z"),
+            "{}",
+            cond(&out.status, PROGRESSING).message
+        );
+    }
+
+    #[test]
+    fn a_status_without_last_progress_time_keeps_its_deadline() {
+        // A status written before lastProgressTime existed: Progressing's transition time
+        // was the time of the last progress.
+        let pods = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "new", false),
+        ];
+        let mut old = compute(&input(&pods, None, T0)).status;
+        old.last_progress_time = None;
+        let out = compute(&input(&pods, Some(&old), T0 + 599));
+        assert!(!out.stalled_now, "no false stall after an upgrade");
+        assert_eq!(
+            out.check_deadline_after,
+            Some(1),
+            "nor a restarted deadline"
+        );
+        assert_eq!(out.status.last_progress_time, Some(at(T0)));
+        assert_eq!(
+            reason(&out.status, PROGRESSING),
+            ("True", ROLLOUT_IN_PROGRESS)
+        );
+        let out = compute(&input(&pods, Some(&out.status), T0 + 600));
+        assert!(out.stalled_now);
+
+        // A completed rollout recorded by the old version stays complete, with the time.
+        let done = vec![
+            pod(0, "new", true),
+            pod(1, "new", true),
+            pod(2, "new", true),
+        ];
+        let mut old = compute(&input(&done, None, T0)).status;
+        old.last_progress_time = None;
+        let out = compute(&input(&done, Some(&old), T0 + 5000));
+        assert!(!out.stalled_now);
+        assert_eq!(out.status.last_progress_time, Some(at(T0)));
+        assert_eq!(reason(&out.status, READY), ("True", ROLLOUT_COMPLETE));
+    }
+
+    #[test]
+    fn a_new_rollout_starts_its_deadline_and_keeps_transition_times() {
+        let done = vec![
+            pod(0, "old", true),
+            pod(1, "old", true),
+            pod(2, "old", true),
+        ];
+        let mut i = input(&done, None, T0);
+        i.update_revision = "old";
+        let complete = compute(&i).status;
+        assert_eq!(reason(&complete, READY), ("True", ROLLOUT_COMPLETE));
+        // A template change: same pods, a new update revision.
+        let out = compute(&input(&done, Some(&complete), T0 + 1000));
+        let s = &out.status;
+        assert_eq!(reason(s, PROGRESSING), ("True", ROLLOUT_IN_PROGRESS));
+        assert_eq!(
+            cond(s, PROGRESSING).last_transition_time,
+            at(T0),
+            "Progressing stayed True"
+        );
+        assert_eq!(reason(s, READY), ("False", ROLLING_OUT));
+        assert_eq!(
+            cond(s, READY).last_transition_time,
+            at(T0 + 1000),
+            "Ready flipped"
+        );
+        assert_eq!(s.last_progress_time, Some(at(T0 + 1000)));
+        assert_eq!(out.check_deadline_after, Some(600));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One pod: ordinal, at the update revision, ready, seconds ready, terminating.
+        type PodSpec = (i32, bool, bool, i64, bool);
+
+        fn pods_of(specs: &[PodSpec]) -> Vec<PodInfo> {
+            let mut live = std::collections::BTreeSet::new();
+            specs
+                .iter()
+                .filter(|(o, _, _, _, terminating)| *terminating || live.insert(*o))
+                .map(|&(o, new, ready, age, terminating)| PodInfo {
+                    ready_since: Some(T0 - age),
+                    terminating,
+                    ..pod(o, if new { "new" } else { "old" }, ready)
+                })
+                .collect()
+        }
+
+        fn step() -> impl Strategy<Value = (Vec<PodSpec>, i64, bool)> {
+            (
+                proptest::collection::vec(
+                    (
+                        0i32..6,
+                        any::<bool>(),
+                        any::<bool>(),
+                        0i64..60,
+                        prop::bool::weighted(0.1),
+                    ),
+                    0..7,
+                ),
+                0i64..400,
+                prop::bool::weighted(0.15),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn ready_means_done_and_times_move_as_documented(
+                replicas in 0i32..5,
+                partition in 0i32..5,
+                on_delete in any::<bool>(),
+                min_ready in prop::sample::select(vec![0i64, 30]),
+                deadline in 60i64..600,
+                steps in proptest::collection::vec(step(), 1..10),
+            ) {
+                let mut previous: Option<AppSetStatus> = None;
+                let mut now = T0;
+                for (specs, dt, strip) in steps {
+                    now += dt;
+                    let pods = pods_of(&specs);
+                    if strip && let Some(p) = previous.as_mut() {
+                        // As written by the version before lastProgressTime.
+                        p.last_progress_time = None;
+                    }
+                    let mut i = input(&pods, previous.as_ref(), now);
+                    i.replicas = replicas;
+                    i.partition = if on_delete { 0 } else { partition };
+                    i.strategy = if on_delete {
+                        UpdateStrategyType::OnDelete
+                    } else {
+                        UpdateStrategyType::RollingUpdate
+                    };
+                    i.min_ready_seconds = min_ready;
+                    i.progress_deadline_seconds = deadline;
+                    let out = compute(&i);
+                    let s = &out.status;
+                    let ready = cond(s, READY);
+                    let progressing = cond(s, PROGRESSING);
+
+                    prop_assert_eq!(s.observed_generation, Some(2));
+                    prop_assert_eq!(ready.observed_generation, Some(2));
+                    if ready.status == "True" {
+                        prop_assert!(s.available_replicas >= replicas, "{:?}", s);
+                        prop_assert_eq!(s.replicas, replicas);
+                        let live_in_range = pods
+                            .iter()
+                            .filter(|p| !p.terminating && p.ordinal < replicas);
+                        for p in live_in_range {
+                            prop_assert!(
+                                p.is_available(min_ready, now),
+                                "an unavailable pod {p:?} while Ready"
+                            );
+                            if !on_delete && p.ordinal >= partition {
+                                prop_assert_eq!(p.revision.as_deref(), Some("new"));
+                            }
+                        }
+                        if !on_delete {
+                            prop_assert_eq!(ready.reason.as_str(), ROLLOUT_COMPLETE);
+                        }
+                    }
+                    // kstatus's conditions follow Ready.
+                    let has = |t: &str| s.conditions.iter().find(|c| c.type_ == t);
+                    let stalled = ready.reason == PROGRESS_DEADLINE_EXCEEDED;
+                    prop_assert_eq!(has(STALLED).is_some(), stalled);
+                    prop_assert_eq!(
+                        has(RECONCILING).is_some(),
+                        ready.status == "False" && !stalled
+                    );
+                    for c in [has(STALLED), has(RECONCILING)].into_iter().flatten() {
+                        prop_assert_eq!(c.status.as_str(), "True");
+                        prop_assert_eq!(&c.reason, &ready.reason);
+                    }
+                    prop_assert_eq!(
+                        ready.status == "True",
+                        [ROLLOUT_COMPLETE, AWAITING_POD_DELETION]
+                            .contains(&progressing.reason.as_str()),
+                        "Ready {:?} against Progressing {:?}", ready, progressing
+                    );
+
+                    // Transition times change exactly when the status flips.
+                    for c in &s.conditions {
+                        let before = previous
+                            .as_ref()
+                            .and_then(|p| p.conditions.iter().find(|b| b.type_ == c.type_));
+                        match before {
+                            Some(b) if b.status == c.status => {
+                                prop_assert_eq!(&c.last_transition_time, &b.last_transition_time)
+                            }
+                            _ => prop_assert_eq!(&c.last_transition_time, &at(now)),
+                        }
+                    }
+
+                    // The last progress is never in the future, never goes back, and the
+                    // deadline is measured from it.
+                    let last = s.last_progress_time.as_ref().map(|t| t.0.as_second());
+                    prop_assert!(last.is_some_and(|l| l <= now));
+                    let last = last.unwrap_or(now);
+                    if let Some(before) = previous
+                        .as_ref()
+                        .and_then(|p| p.last_progress_time.as_ref())
+                    {
+                        prop_assert!(last >= before.0.as_second());
+                    }
+                    if out.stalled_now {
+                        prop_assert!(now - last >= deadline);
+                        prop_assert_eq!(progressing.reason.as_str(), PROGRESS_DEADLINE_EXCEEDED);
+                    }
+                    if progressing.reason == ROLLOUT_IN_PROGRESS {
+                        prop_assert_eq!(out.check_deadline_after, Some(deadline - (now - last)));
+                        prop_assert!(deadline - (now - last) > 0);
+                    } else {
+                        prop_assert_eq!(out.check_deadline_after, None);
+                    }
+                    previous = Some(out.status);
+                }
+            }
+        }
     }
 }
