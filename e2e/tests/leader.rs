@@ -9,7 +9,7 @@
 //! * SIGSTOP of kube-apiserver for longer than the lease: the leader stops (its fence closes at
 //!   the renew deadline) and, after SIGCONT, exactly one replica leads and rolls the set. The
 //!   standby's `/healthz` fails while its Lease loop hangs (liveness timeout 2 s) and passes
-//!   again after. This one stops a shared component, so it brings up a control plane of its own
+//!   again after; its `appset_leader` gauge reads 0 while it stands by and 1 once it leads. This one stops a shared component, so it brings up a control plane of its own
 //!   (`.cluster-leader`, ports from 16940).
 
 use std::path::{Path, PathBuf};
@@ -331,11 +331,29 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default()
     };
+    let leader_gauge = move || {
+        std::process::Command::new("curl")
+            .args(["-s"])
+            .arg(format!("http://127.0.0.1:{b_port}/metrics"))
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("appset_leader ").map(str::to_string))
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    };
     sets.create(&PostParams::default(), &appset("db", 3, json!({}))?)
         .await?;
     wait_settled(&client, &ns.name, "db", 3, Duration::from_secs(120))
         .await
         .with_context(|| a.log_tail())?;
+    let standby_gauge = leader_gauge();
+    ensure!(
+        standby_gauge == "0",
+        "the standby's appset_leader is {standby_gauge:?}, not 0"
+    );
     // Freeze the API server for longer than the lease: connections stay open, nothing answers.
     let apiserver = std::fs::read_to_string(cluster.dir.join("pids/kube-apiserver"))?
         .trim()
@@ -407,6 +425,11 @@ async fn a_hung_api_server_stops_the_leader_and_one_replica_resumes() -> Result<
         "the standby's /healthz never failed while its Lease loop hung"
     );
     ensure!(healthy_again, "the standby's /healthz did not pass again");
+    let leading_gauge = leader_gauge();
+    ensure!(
+        leading_gauge == "1",
+        "the new leader's appset_leader is {leading_gauge:?}, not 1"
+    );
     ensure!(b.running(), "the standby exited:\n{}", b.log_tail());
     drop(b);
     drop(cluster);

@@ -18,6 +18,7 @@
 pub mod client;
 pub mod duration;
 pub mod lease;
+pub mod process_metrics;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -226,6 +227,7 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let client_metrics = client::ClientMetrics::register(&mut registry);
+    let process_metrics = process_metrics::ProcessMetrics::register(&mut registry);
     let identity = options.identity();
     let liveness = Liveness::new(options.liveness_timeout);
     // The Lease is read and written by a client of its own, outside the fence it opens.
@@ -297,17 +299,25 @@ pub async fn run(
                 _ = shutdown.clone() => { server.abort(); return Ok(()); }
             }
             standby.store(false, Ordering::Release);
+            process_metrics.set_leader(true);
             // Dropping `controllers` when `keep` returns cancels every reconcile in flight;
             // the fence is closed already, so nothing they still try is sent.
-            tokio::select! {
+            let result = tokio::select! {
                 r = controllers => {
                     elector.release().await;
                     r
                 }
                 lost = elector.keep() => Err(Error::LostLeadership(lost)),
-            }
+            };
+            process_metrics.set_leader(false);
+            result
         }
-        None => controllers.await,
+        None => {
+            process_metrics.set_leader(true);
+            let result = controllers.await;
+            process_metrics.set_leader(false);
+            result
+        }
     };
     server.abort();
     result
