@@ -526,9 +526,7 @@ async fn hash_sources<K: Workload>(
             }));
         }
     }
-    let keys: Vec<&hash::HashKey> = std::iter::once(&keyring.current)
-        .chain(keyring.previous.as_ref())
-        .collect();
+    let keys = keyring.keys();
     let key_ids: Vec<&str> = keys.iter().map(|k| k.id()).collect();
     // Each source's own digest under each key: from the cache when its version is unchanged,
     // else read.
@@ -567,10 +565,8 @@ async fn hash_sources<K: Workload>(
         .inc_by(to_read.len() as u64);
     for source in &fetched.sources {
         let name = source.source_name();
-        let digests: Vec<String> = keys
-            .iter()
-            .map(|k| hash::digest(k, std::slice::from_ref(source)))
-            .collect();
+        let under_keys = hash::digests_under(&keys, source);
+        let digests: Vec<String> = under_keys.iter().map(|(_, d)| d.clone()).collect();
         if let (Some(version), Some(usage), Ok(mut cache)) = (
             fetched.versions.get(&name),
             refs.sources.get(&name),
@@ -580,11 +576,7 @@ async fn hash_sources<K: Workload>(
                 SourceRef::new(&wref.namespace, &name),
                 usage.keys.clone(),
                 version.clone(),
-                key_ids
-                    .iter()
-                    .map(|id| id.to_string())
-                    .zip(digests.iter().cloned())
-                    .collect(),
+                under_keys,
             );
         }
         own.insert(name, digests);

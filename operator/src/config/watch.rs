@@ -414,9 +414,7 @@ async fn warm_up(ctx: &Context, part: Option<&str>) {
         return;
     }
     let keyring = ctx.keyring.get();
-    let keys: Vec<&crate::confighash::hash::HashKey> = std::iter::once(&keyring.current)
-        .chain(keyring.previous.as_ref())
-        .collect();
+    let keys = keyring.keys();
     let mut hashed = 0usize;
     let mut put = |kind: SourceKind,
                    namespace: String,
@@ -435,16 +433,7 @@ async fn warm_up(ctx: &Context, part: Option<&str>) {
             return;
         };
         for keyset in uses {
-            let source = make(keyset);
-            let digests = keys
-                .iter()
-                .map(|k| {
-                    (
-                        k.id().to_string(),
-                        hash::digest(k, std::slice::from_ref(&source)),
-                    )
-                })
-                .collect();
+            let digests = hash::digests_under(&keys, &make(keyset));
             cache.put(sref.clone(), keyset.clone(), version.clone(), digests);
             hashed += 1;
         }

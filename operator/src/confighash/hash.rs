@@ -235,6 +235,14 @@ pub fn digest(key: &HashKey, sources: &[Source]) -> String {
     hex(&mac.finalize().into_bytes())
 }
 
+/// The digest of one source on its own under each of `keys`, as `(key id, digest)` in the
+/// order of `keys`: what the source digest cache keeps.
+pub fn digests_under(keys: &[&HashKey], source: &Source) -> Vec<(String, String)> {
+    keys.iter()
+        .map(|k| (k.id().to_string(), digest(k, std::slice::from_ref(source))))
+        .collect()
+}
+
 /// The digest of each source on its own, by name: kept in memory so that the Event on a rolled
 /// workload can say which source changed.
 pub fn per_source(key: &HashKey, sources: &[Source]) -> BTreeMap<SourceName, String> {

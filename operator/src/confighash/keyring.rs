@@ -128,11 +128,16 @@ impl Keyring {
         }
     }
 
-    /// The key with this id, current or previous.
-    pub fn by_id(&self, id: &str) -> Option<&HashKey> {
+    /// The current key, then the previous one if there is one.
+    pub fn keys(&self) -> Vec<&HashKey> {
         std::iter::once(&self.current)
             .chain(self.previous.as_ref())
-            .find(|k| k.id() == id)
+            .collect()
+    }
+
+    /// The key with this id, current or previous.
+    pub fn by_id(&self, id: &str) -> Option<&HashKey> {
+        self.keys().into_iter().find(|k| k.id() == id)
     }
 }
 
