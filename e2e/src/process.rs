@@ -69,6 +69,31 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The load averages over 1, 5 and 15 minutes (`/proc/loadavg`), or "unknown".
+pub fn load_averages() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Appends `rows` (Markdown table rows) to the file `$BENCH_TABLE` names, when it is set: how
+/// each benchmark binary hands its figures to `e2e/bench.sh`, which prints them as one table.
+pub fn append_bench_rows(rows: &[String]) -> Result<()> {
+    use std::io::Write;
+    let Ok(path) = std::env::var("BENCH_TABLE") else {
+        return Ok(());
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("open {path}"))?;
+    for row in rows {
+        writeln!(file, "{row}")?;
+    }
+    Ok(())
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -37,6 +37,23 @@ fn chart() -> String {
         .into_owned()
 }
 
+/// `helm template` of the chart as release `dry` in `appset-system` for the e2e control plane's
+/// Kubernetes version, with `extra` arguments.
+fn render(extra: &[&str]) -> Result<String> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "dry",
+        &*chart,
+        "-n",
+        "appset-system",
+        "--kube-version",
+        "1.37.2",
+    ];
+    args.extend_from_slice(extra);
+    run_ok("helm", &args)
+}
+
 #[test]
 fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
     run_ok("helm", &["lint", &chart(), "--strict"])?;
@@ -62,23 +79,12 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
         ],
     ];
     let dir = scratch_dir("chart-render")?;
-    let chart = chart();
     for (i, extra) in variants.iter().enumerate() {
-        let mut args = vec![
-            "template",
-            "dry",
-            &*chart,
-            "-n",
-            "appset-system",
-            "--kube-version",
-            "1.37.2",
-            // The CRDs are checked below, with a server-side apply (they are too large for a
-            // client-side one).
-            "--set",
-            "crds.install=false",
-        ];
+        // The CRDs are checked below, with a server-side apply (they are too large for a
+        // client-side one).
+        let mut args = vec!["--set", "crds.install=false"];
         args.extend_from_slice(extra);
-        let rendered = run_ok("helm", &args)?;
+        let rendered = render(&args)?;
         let file = dir.join(format!("rendered-{i}.yaml"));
         std::fs::write(&file, &rendered)?;
         // Namespaced objects of other namespaces need those namespaces for the dry run.
@@ -122,20 +128,7 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
         );
     }
     // Without the guard the rest renders as before.
-    let unguarded = run_ok(
-        "helm",
-        &[
-            "template",
-            "dry",
-            &*chart,
-            "-n",
-            "appset-system",
-            "--kube-version",
-            "1.37.2",
-            "--set",
-            "webhook.guardConfiguration=false",
-        ],
-    )?;
+    let unguarded = render(&["--set", "webhook.guardConfiguration=false"])?;
     assert!(unguarded.contains("kind: MutatingWebhookConfiguration"));
     assert!(
         !unguarded.contains("ValidatingAdmissionPolicy"),
@@ -145,19 +138,9 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
     // The CRDs: rendered from files/crds with the release's labels and the keep policy, accepted
     // by a server-side dry run; none with crds.install=false, no keep with crds.keep=false.
     let crds_only = |extra: &[&str]| -> Result<String> {
-        let mut args = vec![
-            "template",
-            "dry",
-            &*chart,
-            "-n",
-            "appset-system",
-            "--kube-version",
-            "1.37.2",
-            "--show-only",
-            "templates/crds.yaml",
-        ];
+        let mut args = vec!["--show-only", "templates/crds.yaml"];
         args.extend_from_slice(extra);
-        run_ok("helm", &args)
+        render(&args)
     };
     let crds = crds_only(&[])?;
     assert_eq!(
@@ -203,18 +186,7 @@ fn chart_lints_and_renders_what_the_api_server_accepts() -> Result<()> {
     let unkept = crds_only(&["--set", "crds.keep=false"])?;
     assert_eq!(unkept.matches("kind: CustomResourceDefinition").count(), 2);
     assert!(!unkept.contains("helm.sh/resource-policy"), "{unkept}");
-    let none = run_ok(
-        "helm",
-        &[
-            "template",
-            "dry",
-            &*chart,
-            "--kube-version",
-            "1.37.2",
-            "--set",
-            "crds.install=false",
-        ],
-    )?;
+    let none = render(&["--set", "crds.install=false"])?;
     assert!(
         none.contains("kind: Deployment") && !none.contains("kind: CustomResourceDefinition"),
         "crds.install=false: {none}"

@@ -27,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use appset_crds::AppSet;
 use appset_e2e::TestNamespace;
 use appset_e2e::fixtures::{claimed_set_spec, is_ready, merge};
+use appset_e2e::process::{append_bench_rows, load_averages};
 use appset_e2e::runners::AppSetController;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -171,13 +172,6 @@ async fn finish(ns: TestNamespace) -> Result<()> {
 /// requests at hand than one started on an idle cluster.
 const SETTLE: Duration = Duration::from_secs(5);
 
-/// The load averages (1, 5, 15 minutes) of `/proc/loadavg`.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// One scenario's figures.
 struct Figures {
     measure: String,
@@ -192,32 +186,27 @@ impl Figures {
     }
 }
 
-/// Appends the rows of `figures` and of the load averages to the Markdown table in `path`.
-fn append_table(path: &str, figures: &[Figures], before: &str, after: &str) -> Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("open {path}"))?;
-    for f in figures {
-        let ratio = f.ratio();
-        // Compared as printed, so that the verdict agrees with the ratio in the row.
-        let met = (ratio * 100.0).round() >= 100.0;
-        writeln!(
-            file,
-            "| AppSet vs StatefulSet | {} | {:.1} s | StatefulSet {:.1} s | {ratio:.2} | ≥ 1.00: {} |",
-            f.measure,
-            f.appset.as_secs_f64(),
-            f.statefulset.as_secs_f64(),
-            if met { "met" } else { "not met" }
-        )?;
-    }
-    writeln!(
-        file,
+/// The Markdown table rows of `figures` and of the load averages.
+fn table_rows(figures: &[Figures], before: &str, after: &str) -> Vec<String> {
+    let mut rows: Vec<String> = figures
+        .iter()
+        .map(|f| {
+            let ratio = f.ratio();
+            // Compared as printed, so that the verdict agrees with the ratio in the row.
+            let met = (ratio * 100.0).round() >= 100.0;
+            format!(
+                "| AppSet vs StatefulSet | {} | {:.1} s | StatefulSet {:.1} s | {ratio:.2} | ≥ 1.00: {} |",
+                f.measure,
+                f.appset.as_secs_f64(),
+                f.statefulset.as_secs_f64(),
+                if met { "met" } else { "not met" }
+            )
+        })
+        .collect();
+    rows.push(format!(
         "| AppSet vs StatefulSet | load average before / after | {before} / {after} | | | |"
-    )?;
-    Ok(())
+    ));
+    rows
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -228,7 +217,7 @@ async fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let parallel = args.first().copied().unwrap_or(100);
     let ordered = args.get(1).copied().unwrap_or(20);
-    let before = load_average();
+    let before = load_averages();
     println!("load average before: {before}");
     println!("scenario                      statefulset    appset   ratio (sts/appset)");
     let mut figures = vec![];
@@ -251,10 +240,8 @@ async fn main() -> Result<()> {
         );
         figures.push(f);
     }
-    let after = load_average();
+    let after = load_averages();
     println!("load average after: {after}");
-    if let Ok(path) = std::env::var("BENCH_TABLE") {
-        append_table(&path, &figures, &before, &after)?;
-    }
+    append_bench_rows(&table_rows(&figures, &before, &after))?;
     Ok(())
 }

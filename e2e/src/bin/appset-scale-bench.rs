@@ -19,18 +19,14 @@ use anyhow::{Context, Result, bail};
 use appset_crds::AppSet;
 use appset_e2e::TestNamespace;
 use appset_e2e::fixtures::appset_with_spec;
-use appset_e2e::process::{Process, free_port, memory_kib, scratch_dir};
+use appset_e2e::process::{
+    Process, append_bench_rows, free_port, load_averages, memory_kib, scratch_dir,
+};
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use kube::api::PostParams;
 use serde_json::json;
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
 
 /// `GET /readyz` on the operator's admin port: whether it answers 200.
 async fn ready(port: u16) -> bool {
@@ -102,7 +98,7 @@ async fn main() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = memory_kib(pid, "VmRSS:").unwrap_or_default();
-    let load_before = load_average();
+    let load_before = load_averages();
     let set = appset_with_spec(
         "big",
         json!({
@@ -161,37 +157,25 @@ async fn main() -> Result<()> {
         "  operator RSS at the end                 {:>8.1} MiB",
         now as f64 / 1024.0
     );
+    let load_after = load_averages();
     println!("  load average (1/5/15 min) before        {load_before}");
-    println!(
-        "  load average (1/5/15 min) after         {}",
-        load_average()
-    );
-    if let Ok(path) = std::env::var("BENCH_TABLE") {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("open {path}"))?;
-        let scenario = format!("one AppSet of {replicas} replicas (Parallel, no claims)");
-        writeln!(
-            file,
+    println!("  load average (1/5/15 min) after         {load_after}");
+    let scenario = format!("one AppSet of {replicas} replicas (Parallel, no claims)");
+    append_bench_rows(&[
+        format!(
             "| {scenario} | pods created and counted in the status | {:.1} s | | | |",
             took.as_secs_f64()
-        )?;
-        writeln!(
-            file,
+        ),
+        format!(
             "| {scenario} | operator RSS before / peak (VmHWM) / at the end | {:.1} / {:.1} / {:.1} MiB | | | |",
             idle as f64 / 1024.0,
             peak as f64 / 1024.0,
             now as f64 / 1024.0
-        )?;
-        writeln!(
-            file,
-            "| {scenario} | load average (1/5/15 min) before / after | {load_before} / {} | | | |",
-            load_average()
-        )?;
-    }
+        ),
+        format!(
+            "| {scenario} | load average (1/5/15 min) before / after | {load_before} / {load_after} | | | |"
+        ),
+    ])?;
     drop(op);
     ns.cleanup().await;
     Ok(())

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use appset_crds::keys;
-use appset_e2e::process::{cpu_seconds, load_average, memory_kib};
+use appset_e2e::process::{append_bench_rows, cpu_seconds, load_average, memory_kib};
 use appset_e2e::{TestNamespace, wait_for};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::ByteString;
@@ -913,24 +913,19 @@ async fn main() -> Result<()> {
             r.measure, r.appset, r.reference, r.goal
         );
     }
-    if let Ok(path) = std::env::var("BENCH_TABLE") {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("open {path}"))?;
-        for r in &rows {
-            writeln!(
-                file,
+    let table: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
                 "| {scenario_name} | {} | {} | {} | {} | {} |",
                 r.measure,
                 r.appset,
                 r.reference,
                 r.ratio.map(|x| format!("{x:.2}")).unwrap_or_default(),
                 r.goal
-            )?;
-        }
-    }
+            )
+        })
+        .collect();
+    append_bench_rows(&table)?;
     Ok(())
 }
